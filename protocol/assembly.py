@@ -1,0 +1,441 @@
+"""The receiver's state machine: turns datagrams into "write these bytes here" and decides when an image is whole.
+
+Sans-IO, after h11: the caller owns the socket and the disk. It feeds every datagram to
+`Assembly.receive_datagram`, acts on the event returned, and answers two questions the state machine cannot
+answer without I/O: "here are the bytes of block N as written" (`check_block`) and "here is the SHA-1 of the
+whole image as written" (`check_image`).
+
+States and their rules::
+
+    AWAITING_METADATA --first valid metadata (and a known frame size)--> RECEIVING
+    RECEIVING --last block verified--> VERIFYING_IMAGE
+    VERIFYING_IMAGE --check_image(right sha1)--> COMPLETE
+    VERIFYING_IMAGE --check_image(wrong sha1)--> RECEIVING   (everything forgotten, taken again)
+    any --metadata contradicting the stream's identity--> FAILED   (terminal)
+
+* Data may arrive in any order, any number of times, starting anywhere in the sender's loop (late join).
+* A block is checked as soon as all its frames are in and its checksum is known; a corrupt block is
+  forgotten and taken again on a later loop.
+* Senders that announce only ``sha1`` and ``len`` (a minimal third-party sender) work: the frame size is
+  learned from the data, blocks are bookkeeping units with nothing to check, and SHA-1 decides at the end.
+* Received data is tracked in a bitarray with one bit per frame; memory is one bit per frame plus 4 bytes per
+  block (about 100 KB and 4 KB for a 1 GiB image in 1400-byte frames).
+"""
+
+from __future__ import annotations
+
+import enum
+from array import array
+from collections import Counter
+from dataclasses import dataclass
+
+import xxhash
+from bitarray import bitarray
+
+from .errors import LocalProtocolError, MetadataConflict, RemoteProtocolError
+from .frames import HEADER, HEADER_SIZE, METADATA_OFFSET, COOKIE_SIZE, DropReason, Dropped, decode_metadata_payload
+from .metadata import Layout, StreamMetadata, default_block_size, parse_metadata
+
+
+class AssemblyState(enum.Enum):
+    AWAITING_METADATA = "awaiting_metadata"
+    RECEIVING = "receiving"
+    VERIFYING_IMAGE = "verifying_image"
+    COMPLETE = "complete"
+    FAILED = "failed"
+
+
+# -- Events -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetadataReceived:
+    """A valid metadata frame of this stream."""
+
+    metadata: StreamMetadata
+    """What the frame said."""
+    first_metadata: bool
+    """True for the stream's first accepted metadata: the image's identity and size are known now."""
+    blocks_to_check: tuple[int, ...] = ()
+    """Complete blocks whose checksums arrived with this frame: call `check_block` for each."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DataReceived:
+    """New image bytes: write them at `offset` before feeding the next datagram."""
+
+    offset: int
+    """Byte position in the image."""
+    payload: memoryview
+    """The bytes (a view into the datagram)."""
+    completed_block: int | None
+    """A block that this frame completed and that can be checked now: call `check_block` after writing."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Duplicate:
+    """Bytes we already hold; nothing to write."""
+
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamFailed:
+    """The stream broke the protocol; the assembly is now FAILED for good."""
+
+    error: RemoteProtocolError
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockVerified:
+    """A block's bytes as written match its checksum (or the stream has no block checksums)."""
+
+    block: int
+    image_complete: bool
+    """True when this was the last block: compute the image's SHA-1 and call `check_image`."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockCorrupt:
+    """A block's bytes as written do not match: it was forgotten and will be taken again."""
+
+    block: int
+    expected: int
+    actual: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImageVerified:
+    """The whole image as written has the announced SHA-1."""
+
+    sha1: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImageCorrupt:
+    """The whole image as written has another SHA-1: everything was forgotten and will be taken again."""
+
+    expected: str
+    actual: str
+
+
+DatagramEvent = MetadataReceived | DataReceived | Duplicate | Dropped | StreamFailed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Checkpoint:
+    """What a receiver saves to resume after a crash: the image identity and which blocks were verified.
+
+    Only verified blocks are kept; a block that was complete but unchecked is taken again, because the
+    receiver may not have flushed it to disk.
+    """
+
+    sha1: str
+    length: int
+    frame_size: int
+    block_size: int
+    verified_blocks: bytes
+    """`bitarray.tobytes()` of one bit per block, big-endian bit order."""
+
+
+# -- The state machine --------------------------------------------------------------------------------------
+
+
+class Assembly:
+    """Reassembles one stream (one cookie) into an image.
+
+    Error handling: never raises on datagrams; foreign or malformed ones are counted in `drops` by
+    `DropReason`. Metadata that contradicts the stream's identity moves it to FAILED and returns
+    `StreamFailed`. Wrong calls from the caller raise `LocalProtocolError`.
+    """
+
+    def __init__(self, *, cookie: bytes, checkpoint: Checkpoint | None = None) -> None:
+        if len(cookie) != COOKIE_SIZE:
+            raise ValueError(f"cookie must be {COOKIE_SIZE} bytes")
+        self.cookie = cookie
+        self.state = AssemblyState.AWAITING_METADATA
+        self.drops: Counter[DropReason] = Counter()
+        self.duplicates = 0
+        self.corrupt_blocks = 0
+        self.failure: RemoteProtocolError | None = None
+        self.metadata: StreamMetadata | None = None
+        self.layout: Layout | None = None
+        self._checkpoint = checkpoint
+        self.resumed_blocks = 0
+        self._has_block_checksums = False
+        self._checksums: list[int | None] = []
+        self._received: bitarray = bitarray()
+        self._block_frames = array("I")
+        self._verified: bitarray = bitarray()
+        self._verified_count = 0
+        self._received_bytes = 0
+        self._frames_per_block = 1
+
+    # -- progress --------------------------------------------------------------------------------------------
+
+    @property
+    def received_bytes(self) -> int:
+        """Image bytes held (verified or not), for progress."""
+        return self._received_bytes
+
+    @property
+    def verified_blocks(self) -> int:
+        return self._verified_count
+
+    @property
+    def length(self) -> int | None:
+        return self.metadata.length if self.metadata else None
+
+    def missing_blocks(self) -> list[int]:
+        """Blocks not yet verified, in order (what to ask a repair server for)."""
+        return self._verified.search(0) if self.layout else []
+
+    def checkpoint(self) -> Checkpoint | None:
+        """What to save to resume later; None before the layout is known."""
+        if self.layout is None or self.metadata is None:
+            return None
+        return Checkpoint(
+            sha1=self.metadata.sha1,
+            length=self.layout.length,
+            frame_size=self.layout.frame_size,
+            block_size=self.layout.block_size,
+            verified_blocks=self._verified.tobytes(),
+        )
+
+    # -- datagrams ---------------------------------------------------------------------------------------------
+
+    def receive_datagram(self, datagram: bytes | bytearray | memoryview) -> DatagramEvent:
+        """Classify one datagram and update the state. Never raises.
+
+        This is the per-datagram hot path: it allocates only the view and the event it returns.
+        """
+        if len(datagram) < HEADER_SIZE:
+            return self._drop(DropReason.TOO_SHORT, f"{len(datagram)} bytes")
+        cookie, offset = HEADER.unpack_from(datagram)
+        if cookie != self.cookie:
+            return self._drop(DropReason.FOREIGN_COOKIE, cookie.hex())
+        if self.state is AssemblyState.FAILED:
+            return self._drop(DropReason.STREAM_FAILED, str(self.failure))
+        if offset == METADATA_OFFSET:
+            return self._receive_metadata(memoryview(datagram)[HEADER_SIZE:])
+        size = len(datagram) - HEADER_SIZE
+        layout = self.layout
+        if layout is None:
+            if self.metadata is None:
+                return self._drop(DropReason.BEFORE_METADATA, f"data at {offset}")
+            if not self._learn_frame_size(offset, size):
+                return self._drop(DropReason.BEFORE_METADATA, f"frame size not yet known (data at {offset})")
+            layout = self.layout
+        if size == 0:
+            return self._drop(DropReason.EMPTY_PAYLOAD, f"at {offset}")
+        end = offset + size
+        if end > layout.length:
+            return self._drop(DropReason.PAST_END, f"[{offset}, {end}) past {layout.length}")
+        frame, misaligned = divmod(offset, layout.frame_size)
+        if misaligned or (size != layout.frame_size and end != layout.length):
+            return self._drop(DropReason.MISALIGNED, f"{size} bytes at {offset}, frame size {layout.frame_size}")
+        if self._received[frame]:
+            self.duplicates += 1
+            return Duplicate(offset=offset, length=size)
+        self._received[frame] = 1
+        self._received_bytes += size
+        block = frame // self._frames_per_block
+        self._block_frames[block] += 1
+        completed = None
+        if self._block_frames[block] == layout.frames_in_block(block) and self._checksum_known(block):
+            completed = block
+        return DataReceived(offset=offset, payload=memoryview(datagram)[HEADER_SIZE:], completed_block=completed)
+
+    def _receive_metadata(self, payload: memoryview) -> MetadataReceived | Dropped | StreamFailed:
+        decoded = decode_metadata_payload(payload)
+        if isinstance(decoded, Dropped):
+            return self._count(decoded)
+        metadata = parse_metadata(decoded.fields)
+        if isinstance(metadata, Dropped):
+            return self._count(metadata)
+        first_metadata = self.metadata is None
+        had_layout = self.layout is not None
+        if first_metadata:
+            self.metadata = metadata
+            if metadata.frame_size is not None or metadata.length == 0:
+                self._set_layout(metadata.frame_size or 1, metadata.block_size)
+        else:
+            conflict = self._conflict(metadata)
+            if conflict is not None:
+                return self._fail(conflict)
+            if self.layout is None and metadata.frame_size is not None:
+                self.metadata = metadata
+                self._set_layout(metadata.frame_size, metadata.block_size)
+        ready = self._store_checksums(metadata) if metadata.checksums else ()
+        if isinstance(ready, StreamFailed):
+            return ready
+        if not had_layout and self.layout is not None and self._verified_count == len(self._verified):
+            # An empty image, or a resumed one that was already whole: nothing left to receive.
+            self.state = AssemblyState.VERIFYING_IMAGE
+        return MetadataReceived(metadata=metadata, first_metadata=first_metadata, blocks_to_check=ready)
+
+    def _conflict(self, metadata: StreamMetadata) -> MetadataConflict | None:
+        assert self.metadata is not None
+        known = self.metadata.identity_fields()
+        if self.layout is not None:
+            known["frame"] = self.layout.frame_size
+            if self._has_block_checksums:
+                known["block"] = self.layout.block_size
+        for name, value in metadata.identity_fields().items():
+            # A field a frame leaves out says nothing; only two stated values can contradict.
+            if value is not None and known[name] is not None and value != known[name]:
+                return MetadataConflict(field=name, first=known[name], now=value)
+        if metadata.block_size is not None and not self._has_block_checksums and self.layout is not None:
+            return MetadataConflict(field="block", first=None, now=metadata.block_size)
+        return None
+
+    def _learn_frame_size(self, offset: int, size: int) -> bool:
+        """Infer the frame size of a sender that did not announce it (docs/PROTOCOL.md, "Frame size")."""
+        assert self.metadata is not None
+        if size == 0:
+            return False
+        if offset == 0 or (offset % size == 0 and offset + size < self.metadata.length):
+            self._set_layout(size, None)
+            return True
+        return False
+
+    def _set_layout(self, frame_size: int, block_size: int | None) -> None:
+        assert self.metadata is not None
+        self._has_block_checksums = block_size is not None
+        layout = Layout(length=self.metadata.length, frame_size=frame_size, block_size=block_size or default_block_size(frame_size))
+        self.layout = layout
+        self._frames_per_block = layout.frames_per_block
+        self._received = bitarray(layout.frame_count)
+        self._received.setall(0)
+        self._block_frames = array("I", bytes(4 * layout.block_count))
+        self._verified = bitarray(layout.block_count)
+        self._verified.setall(0)
+        self._checksums = [None] * layout.block_count
+        self.state = AssemblyState.RECEIVING
+        self._apply_checkpoint()
+
+    def _apply_checkpoint(self) -> None:
+        checkpoint, self._checkpoint = self._checkpoint, None
+        layout, metadata = self.layout, self.metadata
+        if checkpoint is None or layout is None or metadata is None:
+            return
+        same_image = (checkpoint.sha1, checkpoint.length, checkpoint.frame_size, checkpoint.block_size) == (
+            metadata.sha1, layout.length, layout.frame_size, layout.block_size)
+        if not same_image:
+            return
+        verified = bitarray()
+        verified.frombytes(checkpoint.verified_blocks)
+        del verified[layout.block_count :]
+        if len(verified) != layout.block_count:
+            return
+        for block in verified.search(1):
+            self._mark_block_received(block)
+        self._verified = verified
+        self._verified_count = verified.count(1)
+        self.resumed_blocks = self._verified_count
+
+    def _mark_block_received(self, block: int) -> None:
+        layout = self.layout
+        first = block * self._frames_per_block
+        count = layout.frames_in_block(block)
+        self._received[first : first + count] = 1
+        self._block_frames[block] = count
+        start, end = layout.block_span(block)
+        self._received_bytes += end - start
+
+    def _checksum_known(self, block: int) -> bool:
+        return not self._has_block_checksums or self._checksums[block] is not None
+
+    def _store_checksums(self, metadata: StreamMetadata) -> tuple[int, ...] | StreamFailed:
+        if self.layout is None or not self._has_block_checksums:
+            return ()
+        ready = []
+        for index, value in enumerate(metadata.checksums, start=metadata.checksums_first):
+            known = self._checksums[index]
+            if known is None:
+                self._checksums[index] = value
+                if self._block_frames[index] == self.layout.frames_in_block(index) and not self._verified[index]:
+                    ready.append(index)
+            elif known != value:
+                return self._fail(MetadataConflict(field=f"xxh3[{index}]", first=f"{known:016x}", now=f"{value:016x}"))
+        return tuple(ready)
+
+    # -- checks the caller performs with its own I/O ---------------------------------------------------------
+
+    def check_block(self, block: int, data: bytes | bytearray | memoryview) -> BlockVerified | BlockCorrupt:
+        """Judge a complete block by its bytes as written (read back from the target).
+
+        Error handling: raises `LocalProtocolError` if the block is not complete or has no checksum yet.
+        """
+        layout = self.layout
+        if layout is None or not 0 <= block < layout.block_count:
+            raise LocalProtocolError(f"no block {block}")
+        if self._block_frames[block] != layout.frames_in_block(block) or not self._checksum_known(block):
+            raise LocalProtocolError(f"block {block} is not ready to check")
+        start, end = layout.block_span(block)
+        if len(data) != end - start:
+            raise LocalProtocolError(f"block {block} is {end - start} bytes, got {len(data)}")
+        if self._verified[block]:
+            return BlockVerified(block=block, image_complete=self.state is AssemblyState.VERIFYING_IMAGE)
+        if self._has_block_checksums:
+            expected = self._checksums[block]
+            actual = xxhash.xxh3_64_intdigest(data)
+            if actual != expected:
+                self.corrupt_blocks += 1
+                self._forget_block(block)
+                return BlockCorrupt(block=block, expected=expected, actual=actual)
+        self._verified[block] = 1
+        self._verified_count += 1
+        if self._verified_count == layout.block_count:
+            self.state = AssemblyState.VERIFYING_IMAGE
+        return BlockVerified(block=block, image_complete=self.state is AssemblyState.VERIFYING_IMAGE)
+
+    def check_image(self, sha1_hex: str) -> ImageVerified | ImageCorrupt:
+        """Judge the whole image by the SHA-1 of its bytes as written.
+
+        Error handling: raises `LocalProtocolError` unless every block is verified.
+        """
+        if self.state is not AssemblyState.VERIFYING_IMAGE:
+            raise LocalProtocolError(f"cannot check the image in state {self.state.value}")
+        assert self.metadata is not None and self.layout is not None
+        if sha1_hex.lower() == self.metadata.sha1:
+            self.state = AssemblyState.COMPLETE
+            return ImageVerified(sha1=self.metadata.sha1)
+        for block in range(self.layout.block_count):
+            self._forget_block(block)
+        self.state = AssemblyState.RECEIVING if self.layout.block_count else AssemblyState.VERIFYING_IMAGE
+        return ImageCorrupt(expected=self.metadata.sha1, actual=sha1_hex.lower())
+
+    def _forget_block(self, block: int) -> None:
+        layout = self.layout
+        first = block * self._frames_per_block
+        stop = first + layout.frames_in_block(block)
+        held_bytes = self._received.count(1, first, stop) * layout.frame_size
+        if self._received[stop - 1]:
+            # The image's last frame may be shorter than the others.
+            held_bytes -= layout.frame_size - min(layout.frame_size, layout.length - (stop - 1) * layout.frame_size)
+        self._received_bytes -= held_bytes
+        self._received[first:stop] = 0
+        self._block_frames[block] = 0
+        if self._verified[block]:
+            self._verified[block] = 0
+            self._verified_count -= 1
+        if self.state is AssemblyState.VERIFYING_IMAGE or self.state is AssemblyState.COMPLETE:
+            self.state = AssemblyState.RECEIVING
+
+    # -- bookkeeping -----------------------------------------------------------------------------------------------
+
+    def _drop(self, reason: DropReason, detail: str) -> Dropped:
+        self.drops[reason] += 1
+        return Dropped(reason=reason, detail=detail)
+
+    def _count(self, dropped: Dropped) -> Dropped:
+        self.drops[dropped.reason] += 1
+        return dropped
+
+    def _fail(self, error: RemoteProtocolError) -> StreamFailed:
+        self.drops[DropReason.CONFLICTING_METADATA] += 1
+        self.state = AssemblyState.FAILED
+        self.failure = error
+        return StreamFailed(error=error)

@@ -1,0 +1,268 @@
+"""Metadata: what a stream says about its image, parsed into types, and built from an image.
+
+A metadata frame's payload is a JSON object. Every frame carries the image's identity, so any single frame
+is enough to start; block checksums are spread over several frames so each stays under the path MTU::
+
+    {"v": 1, "sha1": "<40 hex>", "len": <bytes>,            # required: the original design's two fields
+     "frame": <bytes>, "block": <bytes>,                     # optional: data frame and checksum block sizes
+     "name": "<image>", "format": "raw",                     # optional: informational
+     "xxh3": {"first": <block index>, "sums": ["<16 hex>", ...]}}   # optional: some blocks' xxh3-64
+
+A receiver ignores fields it does not know, so later versions can add fields without breaking it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+
+import xxhash
+
+from .frames import MAX_DATAGRAM, HEADER_SIZE, DropReason, Dropped
+
+PROTOCOL_VERSION = 1
+
+# A metadata payload stays at or under this many bytes: with the 16-byte header and 28 bytes of IPv4+UDP
+# headers the datagram is 1244 bytes, under the 1280-byte IPv6 minimum MTU and any Ethernet path.
+METADATA_PAYLOAD_LIMIT = 1200
+
+# Checksum blocks aim at about 1 MiB: small enough that a corrupt or missing block costs little to send
+# again, large enough that a 1 TiB image needs only a million checksums (~19 MB of metadata per loop... sent
+# spread out, and 8 MB in a receiver's memory).
+TARGET_BLOCK_SIZE = 1 << 20
+
+# Images are addressed by a u64 offset whose top value means "metadata"; JSON integers above 2**53 do not
+# survive every JSON parser, so lengths are kept below that, which is 8 PiB.
+MAX_IMAGE_LENGTH = (1 << 53) - 1
+
+_SHA1_HEX = re.compile(r"[0-9a-f]{40}")
+_XXH3_HEX = re.compile(r"[0-9a-f]{16}")
+
+
+def default_block_size(frame_size: int) -> int:
+    """The checksum block size for a frame size: a whole number of frames, close to `TARGET_BLOCK_SIZE`."""
+    return frame_size * max(1, round(TARGET_BLOCK_SIZE / frame_size))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Layout:
+    """How an image of `length` bytes is cut into frames and checksum blocks (a block is whole frames)."""
+
+    length: int
+    """Image size in bytes."""
+    frame_size: int
+    """Payload bytes of every data frame but the last."""
+    block_size: int
+    """Bytes per checksum block, a multiple of `frame_size`; the last block may be shorter."""
+
+    def __post_init__(self) -> None:
+        if self.frame_size <= 0 or self.block_size <= 0 or self.block_size % self.frame_size:
+            raise ValueError(f"block size {self.block_size} is not a positive multiple of frame size {self.frame_size}")
+
+    @property
+    def frame_count(self) -> int:
+        return -(-self.length // self.frame_size)
+
+    @property
+    def block_count(self) -> int:
+        return -(-self.length // self.block_size)
+
+    @property
+    def frames_per_block(self) -> int:
+        return self.block_size // self.frame_size
+
+    def block_span(self, block: int) -> tuple[int, int]:
+        """Byte range ``[start, end)`` of a block."""
+        start = block * self.block_size
+        return start, min(start + self.block_size, self.length)
+
+    def frames_in_block(self, block: int) -> int:
+        start, end = self.block_span(block)
+        return -(-(end - start) // self.frame_size)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamMetadata:
+    """One metadata frame, validated."""
+
+    version: int
+    """Protocol version the sender speaks."""
+    sha1: str
+    """SHA-1 of the whole image, 40 lowercase hex digits."""
+    length: int
+    """Image size in bytes."""
+    frame_size: int | None = None
+    """Data frame payload size, when the sender says it (else the receiver learns it from the data)."""
+    block_size: int | None = None
+    """Checksum block size; present exactly when the sender sends per-block checksums."""
+    name: str | None = None
+    """Image name, informational."""
+    format: str | None = None
+    """Image format on the wire (raw, qcow2), informational."""
+    checksums_first: int = 0
+    """Index of the block whose checksum is ``checksums[0]``."""
+    checksums: tuple[int, ...] = ()
+    """xxh3-64 of blocks ``checksums_first ...``, as integers."""
+
+    def identity_fields(self) -> dict[str, object]:
+        """The fields that must never change within a stream (each compared on its own)."""
+        return {"sha1": self.sha1, "len": self.length, "frame": self.frame_size, "block": self.block_size}
+
+
+def parse_metadata(fields: dict[str, object]) -> StreamMetadata | Dropped:
+    """Validate a decoded metadata object. Never raises."""
+
+    def bad(detail: str) -> Dropped:
+        return Dropped(reason=DropReason.MALFORMED_METADATA, detail=detail)
+
+    version = fields.get("v", PROTOCOL_VERSION)
+    if not _is_int(version) or version < 1:
+        return bad(f"'v' must be a positive integer, got {version!r}")
+    if version > PROTOCOL_VERSION:
+        return Dropped(reason=DropReason.UNSUPPORTED_VERSION, detail=f"version {version}, this receiver speaks {PROTOCOL_VERSION}")
+    sha1 = fields.get("sha1")
+    if not isinstance(sha1, str) or not _SHA1_HEX.fullmatch(sha1.lower()):
+        return bad(f"'sha1' must be 40 hex digits, got {sha1!r}")
+    length = fields.get("len")
+    if not _is_int(length) or not 0 <= length <= MAX_IMAGE_LENGTH:
+        return bad(f"'len' must be an integer in [0, 2**53), got {length!r}")
+    frame_size = fields.get("frame")
+    if frame_size is not None and (not _is_int(frame_size) or not 0 < frame_size <= MAX_DATAGRAM - HEADER_SIZE):
+        return bad(f"'frame' must be an integer in [1, {MAX_DATAGRAM - HEADER_SIZE}], got {frame_size!r}")
+    block_size = fields.get("block")
+    if block_size is not None:
+        if frame_size is None:
+            return bad("'block' needs 'frame'")
+        if not _is_int(block_size) or block_size <= 0 or block_size % frame_size:
+            return bad(f"'block' must be a positive multiple of 'frame', got {block_size!r}")
+    for text_field in ("name", "format"):
+        if text_field in fields and not isinstance(fields[text_field], str):
+            return bad(f"{text_field!r} must be a string")
+    first, sums = 0, ()
+    if "xxh3" in fields:
+        if block_size is None:
+            return bad("'xxh3' needs 'block'")
+        parsed = _parse_checksums(fields["xxh3"], block_count=-(-length // block_size))
+        if isinstance(parsed, str):
+            return bad(parsed)
+        first, sums = parsed
+    return StreamMetadata(
+        version=version,
+        sha1=sha1.lower(),
+        length=length,
+        frame_size=frame_size,
+        block_size=block_size,
+        name=fields.get("name"),
+        format=fields.get("format"),
+        checksums_first=first,
+        checksums=sums,
+    )
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass in Python, and `true` is not a length.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_checksums(value: object, *, block_count: int) -> tuple[int, tuple[int, ...]] | str:
+    if not isinstance(value, dict):
+        return "'xxh3' must be an object"
+    first, sums = value.get("first"), value.get("sums")
+    if not _is_int(first) or first < 0:
+        return "'xxh3.first' must be a non-negative integer"
+    if not isinstance(sums, list) or not all(isinstance(s, str) and _XXH3_HEX.fullmatch(s) for s in sums):
+        return "'xxh3.sums' must be a list of 16-hex-digit strings"
+    if first + len(sums) > block_count:
+        return f"'xxh3' covers blocks up to {first + len(sums) - 1}, the image has {block_count}"
+    return first, tuple(int(s, 16) for s in sums)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Manifest:
+    """Everything a sender announces about an image: its identity, layout and block checksums."""
+
+    name: str
+    """Image name."""
+    format: str
+    """Format of the bytes streamed (raw, qcow2, ...)."""
+    sha1: str
+    """SHA-1 of the whole image, lowercase hex."""
+    layout: Layout
+    """Frame and block sizes."""
+    block_xxh3: tuple[int, ...] = field(repr=False)
+    """xxh3-64 of every block, in order."""
+
+    def metadata_frames(self, *, payload_limit: int = METADATA_PAYLOAD_LIMIT) -> list[dict[str, object]]:
+        """The metadata objects that together announce the manifest, each under `payload_limit` bytes encoded.
+
+        Every object carries the identity; the checksums are shared out in order. An empty image or one
+        short enough needs a single object.
+        """
+        base: dict[str, object] = {
+            "v": PROTOCOL_VERSION,
+            "sha1": self.sha1,
+            "len": self.layout.length,
+            "frame": self.layout.frame_size,
+            "block": self.layout.block_size,
+            "name": self.name,
+            "format": self.format,
+        }
+        # Worst case for the checksum envelope: the largest "first" index this image can need.
+        envelope = dict(base, xxh3={"first": len(self.block_xxh3), "sums": []})
+        room = payload_limit - len(json.dumps(envelope, separators=(",", ":")))
+        per_frame = room // len(',"0123456789abcdef"')
+        if per_frame < 1:
+            raise ValueError(f"metadata payload limit {payload_limit} leaves no room for a checksum")
+        objects = []
+        for first in range(0, len(self.block_xxh3), per_frame):
+            sums = [f"{value:016x}" for value in self.block_xxh3[first : first + per_frame]]
+            objects.append(dict(base, xxh3={"first": first, "sums": sums}))
+        return objects or [base]
+
+
+class ManifestBuilder:
+    """Hashes an image fed to it in order, in chunks of any size, and makes its `Manifest`.
+
+    One pass computes both SHA-1 and the per-block xxh3-64, so a sender reads its image once.
+    """
+
+    def __init__(self, *, name: str, format: str, frame_size: int, block_size: int | None = None) -> None:
+        self._name, self._format, self._frame_size = name, format, frame_size
+        self._block_size = block_size or default_block_size(frame_size)
+        if self._block_size % frame_size:
+            raise ValueError("block size must be a multiple of the frame size")
+        self._sha1 = hashlib.sha1()
+        self._block = xxhash.xxh3_64()
+        self._block_filled = 0
+        self._sums: list[int] = []
+        self._length = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._sha1.update(data)
+        self._length += len(data)
+        view = memoryview(data)
+        while view:
+            take = min(len(view), self._block_size - self._block_filled)
+            self._block.update(view[:take])
+            self._block_filled += take
+            view = view[take:]
+            if self._block_filled == self._block_size:
+                self._sums.append(self._block.intdigest())
+                self._block.reset()
+                self._block_filled = 0
+
+    def finish(self) -> Manifest:
+        if self._block_filled:
+            self._sums.append(self._block.intdigest())
+        layout = Layout(length=self._length, frame_size=self._frame_size, block_size=self._block_size)
+        return Manifest(name=self._name, format=self._format, sha1=self._sha1.hexdigest(), layout=layout, block_xxh3=tuple(self._sums))
+
+
+def manifest_of(data: bytes, *, name: str = "image", format: str = "raw", frame_size: int = 1400, block_size: int | None = None) -> Manifest:
+    """The manifest of an image held in memory (tests, simulations)."""
+    builder = ManifestBuilder(name=name, format=format, frame_size=frame_size, block_size=block_size)
+    builder.update(data)
+    return builder.finish()
