@@ -1,0 +1,260 @@
+"""The receiver state machine: order, duplicates, late join, corruption, conflicts, resume."""
+
+import hashlib
+import os
+import random
+
+import pytest
+
+from vmcast.protocol import (
+    Assembly,
+    AssemblyState,
+    BlockCorrupt,
+    Carousel,
+    DataReceived,
+    Dropped,
+    DropReason,
+    Duplicate,
+    LocalProtocolError,
+    MetadataConflict,
+    StreamFailed,
+    encode_data,
+    encode_metadata,
+    manifest_of,
+)
+
+from .memlink import MemoryReceiver, datagrams, run_until_complete
+
+COOKIE = b"cookie!!"
+FRAME = 1000
+
+
+def image_of(size: int, seed: int = 1) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def all_datagrams(image: bytes, *, block_size: int | None = 4000, minimal: bool = False) -> tuple[list[bytes], list[bytes]]:
+    """(metadata datagrams, data datagrams) of one loop."""
+    manifest = manifest_of(image, frame_size=FRAME, block_size=block_size)
+    if minimal:
+        metadata = [encode_metadata(COOKIE, {"sha1": manifest.sha1, "len": len(image)})]
+    else:
+        metadata = [encode_metadata(COOKIE, f) for f in manifest.metadata_frames()]
+    data = [encode_data(COOKIE, o, image[o : o + FRAME]) for o in range(0, len(image), FRAME)]
+    return metadata, data
+
+
+@pytest.mark.parametrize("minimal", [False, True], ids=["with-block-checksums", "sha1-and-len-only"])
+@pytest.mark.parametrize("seed", range(5))
+def test_frames_in_any_order_with_duplicates_assemble_the_exact_image(minimal, seed):
+    image = image_of(23_456, seed)
+    metadata, data = all_datagrams(image, minimal=minimal)
+    rng = random.Random(seed)
+    shuffled = data + rng.sample(data, 10)
+    rng.shuffle(shuffled)
+    receiver = MemoryReceiver(cookie=COOKIE)
+    for datagram in metadata + shuffled:
+        receiver.feed(datagram)
+    assert receiver.complete
+    assert bytes(receiver.disk) == image
+
+
+def test_a_frame_already_held_is_a_duplicate_with_nothing_to_write():
+    image = image_of(5000)
+    metadata, data = all_datagrams(image)
+    assembly = Assembly(cookie=COOKIE)
+    assembly.receive_datagram(metadata[0])
+    assert isinstance(assembly.receive_datagram(data[1]), DataReceived)
+    assert isinstance(assembly.receive_datagram(data[1]), Duplicate)
+    assert assembly.duplicates == 1
+
+
+def test_data_before_metadata_is_dropped_and_counted():
+    image = image_of(5000)
+    metadata, data = all_datagrams(image)
+    assembly = Assembly(cookie=COOKIE)
+    result = assembly.receive_datagram(data[0])
+    assert isinstance(result, Dropped) and result.reason is DropReason.BEFORE_METADATA
+    assert assembly.drops[DropReason.BEFORE_METADATA] == 1
+
+
+@pytest.mark.parametrize(
+    ("offset", "payload", "reason"),
+    [
+        (4500, b"x" * 1000, DropReason.PAST_END),
+        (5000, b"x", DropReason.PAST_END),
+        (500, b"x" * 1000, DropReason.MISALIGNED),
+        (1000, b"x" * 999, DropReason.MISALIGNED),
+        (1000, b"", DropReason.EMPTY_PAYLOAD),
+    ],
+)
+def test_data_frames_that_break_the_layout_are_dropped_with_a_reason(offset, payload, reason):
+    metadata, _ = all_datagrams(image_of(5000))
+    assembly = Assembly(cookie=COOKIE)
+    assembly.receive_datagram(metadata[0])
+    result = assembly.receive_datagram(encode_data(COOKIE, offset, payload))
+    assert isinstance(result, Dropped) and result.reason is reason
+    assert assembly.received_bytes == 0
+
+
+def test_a_receiver_joining_mid_loop_completes_within_two_loops():
+    image = image_of(200_000)
+    manifest = manifest_of(image, frame_size=FRAME, block_size=8000)
+    carousel = Carousel(manifest=manifest, cookie=COOKIE, metadata_interval=0.01)
+    for _ in range(137):  # the receiver joins here, mid-loop
+        datagrams(carousel, image, 0.0)
+    receiver = MemoryReceiver(cookie=COOKIE)
+    run_until_complete(carousel, image, [receiver], max_loops=2, tick=1e-4)
+    assert bytes(receiver.disk) == image
+
+
+def test_a_corrupt_write_is_detected_by_its_block_checksum_and_taken_again():
+    image = image_of(40_000)
+    manifest = manifest_of(image, frame_size=FRAME, block_size=4000)
+    carousel = Carousel(manifest=manifest, cookie=COOKIE)
+    receiver = MemoryReceiver(cookie=COOKIE)
+    damaged = {5000}
+
+    def flip_once(offset: int, payload: bytes) -> bytes:
+        if offset in damaged:
+            damaged.discard(offset)
+            return bytes([payload[0] ^ 0xFF]) + payload[1:]
+        return payload
+
+    now = 0.0
+    while not receiver.complete:
+        assert carousel.loops_completed < 3
+        for datagram in datagrams(carousel, image, now):
+            receiver.feed(datagram, damage_write=flip_once)
+        now += 1e-4
+    assert receiver.corrupt_blocks_seen == [1]
+    assert receiver.assembly.corrupt_blocks == 1
+    assert bytes(receiver.disk) == image
+
+
+def test_without_block_checksums_a_wrong_sha1_forgets_everything_and_the_next_loop_repairs_it():
+    image = image_of(10_000)
+    metadata, data = all_datagrams(image, minimal=True)
+    receiver = MemoryReceiver(cookie=COOKIE)
+    receiver.feed(metadata[0])
+    for datagram in data:
+        receiver.feed(datagram, damage_write=lambda off, p: p[:-1] + b"!" if off == 3000 else p)
+    assert not receiver.complete
+    assert receiver.image_checks == 1
+    assert receiver.assembly.received_bytes == 0
+    for datagram in data:
+        receiver.feed(datagram)
+    assert receiver.complete and bytes(receiver.disk) == image
+
+
+def test_a_corrupt_image_is_never_reported_complete():
+    image = image_of(10_000)
+    metadata, data = all_datagrams(image)
+    assembly = Assembly(cookie=COOKIE)
+    assembly.receive_datagram(metadata[0])
+    for datagram in data:
+        event = assembly.receive_datagram(datagram)
+        if isinstance(event, DataReceived) and event.completed_block is not None:
+            start, end = assembly.layout.block_span(event.completed_block)
+            assembly.check_block(event.completed_block, image[start:end])
+    assert assembly.state is AssemblyState.VERIFYING_IMAGE
+    result = assembly.check_image(hashlib.sha1(b"something else").hexdigest())
+    assert assembly.state is AssemblyState.RECEIVING and result.expected != result.actual
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [{"sha1": "f" * 40}, {"len": 10_001}, {"frame": 500, "block": 4000}, {"block": 8000}],
+    ids=["sha1", "len", "frame", "block"],
+)
+def test_metadata_contradicting_the_stream_fails_it_with_a_typed_error(changed):
+    image = image_of(10_000)
+    metadata, data = all_datagrams(image)
+    assembly = Assembly(cookie=COOKIE)
+    assembly.receive_datagram(metadata[0])
+    manifest = manifest_of(image, frame_size=FRAME, block_size=4000)
+    fields = dict(manifest.metadata_frames()[0], **changed)
+    fields.pop("xxh3")
+    result = assembly.receive_datagram(encode_metadata(COOKIE, fields))
+    assert isinstance(result, StreamFailed) and isinstance(result.error, MetadataConflict)
+    assert assembly.state is AssemblyState.FAILED
+    after = assembly.receive_datagram(data[0])
+    assert isinstance(after, Dropped) and after.reason is DropReason.STREAM_FAILED
+
+
+def test_a_changed_block_checksum_fails_the_stream():
+    image = image_of(10_000)
+    metadata, _ = all_datagrams(image)
+    fields = manifest_of(image, frame_size=FRAME, block_size=4000).metadata_frames()[0]
+    fields["xxh3"]["sums"][1] = "0123456789abcdef"
+    assembly = Assembly(cookie=COOKIE)
+    assembly.receive_datagram(metadata[0])
+    result = assembly.receive_datagram(encode_metadata(COOKIE, fields))
+    assert isinstance(result, StreamFailed) and result.error.field == "xxh3[1]"
+
+
+def test_a_block_completed_before_its_checksum_is_checked_when_the_checksum_arrives():
+    image = image_of(10_000)
+    manifest = manifest_of(image, frame_size=FRAME, block_size=4000)
+    identity = {k: v for k, v in manifest.metadata_frames()[0].items() if k != "xxh3"}
+    assembly = Assembly(cookie=COOKIE)
+    assembly.receive_datagram(encode_metadata(COOKIE, identity))
+    events = [assembly.receive_datagram(encode_data(COOKIE, o, image[o : o + FRAME])) for o in range(0, 4000, FRAME)]
+    assert all(e.completed_block is None for e in events)
+    later = assembly.receive_datagram(encode_metadata(COOKIE, manifest.metadata_frames()[0]))
+    assert later.blocks_to_check == (0,)
+
+
+def test_an_empty_image_is_complete_once_its_sha1_is_checked():
+    assembly = Assembly(cookie=COOKIE)
+    assembly.receive_datagram(encode_metadata(COOKIE, {"sha1": hashlib.sha1().hexdigest(), "len": 0}))
+    assert assembly.state is AssemblyState.VERIFYING_IMAGE
+    assembly.check_image(hashlib.sha1().hexdigest())
+    assert assembly.state is AssemblyState.COMPLETE
+
+
+def test_a_resumed_assembly_keeps_its_verified_blocks_and_takes_only_the_rest():
+    image = image_of(40_000)
+    metadata, data = all_datagrams(image)
+    first = MemoryReceiver(cookie=COOKIE)
+    for datagram in metadata + data[:22]:
+        first.feed(datagram)
+    checkpoint = first.assembly.checkpoint()
+    assert first.assembly.verified_blocks == 5
+    resumed = MemoryReceiver(cookie=COOKIE, assembly=Assembly(cookie=COOKIE, checkpoint=checkpoint), disk=first.disk)
+    resumed.feed(metadata[0])
+    assert resumed.assembly.resumed_blocks == 5
+    fresh_writes = [d for d in data if isinstance(resumed.assembly.receive_datagram(d), DataReceived)]
+    assert len(fresh_writes) == 40 - 20  # blocks 0-4 (frames 0-19) are not taken again
+
+
+def test_a_checkpoint_of_another_image_is_ignored():
+    image = image_of(40_000)
+    metadata, data = all_datagrams(image)
+    first = MemoryReceiver(cookie=COOKIE)
+    for datagram in metadata + data:
+        first.feed(datagram)
+    other_metadata, _ = all_datagrams(image_of(40_000, seed=99))
+    resumed = Assembly(cookie=COOKIE, checkpoint=first.assembly.checkpoint())
+    resumed.receive_datagram(other_metadata[0])
+    assert resumed.resumed_blocks == 0 and resumed.received_bytes == 0
+
+
+def test_checking_a_block_that_is_not_complete_is_a_local_error():
+    metadata, data = all_datagrams(image_of(10_000))
+    assembly = Assembly(cookie=COOKIE)
+    assembly.receive_datagram(metadata[0])
+    assembly.receive_datagram(data[0])
+    with pytest.raises(LocalProtocolError):
+        assembly.check_block(0, bytes(4000))
+
+
+def test_the_frame_size_of_a_minimal_sender_is_learned_from_a_frame_that_proves_it():
+    image = image_of(10_500)
+    metadata, data = all_datagrams(image, minimal=True)
+    assembly = Assembly(cookie=COOKIE)
+    assembly.receive_datagram(metadata[0])
+    tail = assembly.receive_datagram(data[-1])  # short last frame: proves nothing
+    assert isinstance(tail, Dropped) and tail.reason is DropReason.BEFORE_METADATA
+    assert isinstance(assembly.receive_datagram(data[3]), DataReceived)
+    assert assembly.layout.frame_size == FRAME
