@@ -17,7 +17,7 @@ from .assembly import (
     MetadataReceived,
     StreamFailed,
 )
-from .carousel import METADATA_INTERVAL, Carousel, SendData, SendMetadata
+from .carousel import METADATA_INTERVAL, Carousel, Idle, SendData, SendMetadata
 from .errors import LocalProtocolError, MetadataConflict, ProtocolError, RemoteProtocolError
 from .frames import (
     COOKIE_SIZE,

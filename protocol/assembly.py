@@ -219,19 +219,20 @@ class Assembly:
             return self._drop(DropReason.STREAM_FAILED, str(self.failure))
         if offset == METADATA_OFFSET:
             return self._receive_metadata(memoryview(datagram)[HEADER_SIZE:])
+        metadata = self.metadata
+        if metadata is None:
+            return self._drop(DropReason.BEFORE_METADATA, f"data at {offset}")
         size = len(datagram) - HEADER_SIZE
-        layout = self.layout
-        if layout is None:
-            if self.metadata is None:
-                return self._drop(DropReason.BEFORE_METADATA, f"data at {offset}")
-            if not self._learn_frame_size(offset, size):
-                return self._drop(DropReason.BEFORE_METADATA, f"frame size not yet known (data at {offset})")
-            layout = self.layout
         if size == 0:
             return self._drop(DropReason.EMPTY_PAYLOAD, f"at {offset}")
         end = offset + size
-        if end > layout.length:
-            return self._drop(DropReason.PAST_END, f"[{offset}, {end}) past {layout.length}")
+        if end > metadata.length:
+            return self._drop(DropReason.PAST_END, f"[{offset}, {end}) past {metadata.length}")
+        layout = self.layout
+        if layout is None:
+            if not self._learn_frame_size(offset, size):
+                return self._drop(DropReason.BEFORE_METADATA, f"frame size not yet known (data at {offset})")
+            layout = self.layout
         frame, misaligned = divmod(offset, layout.frame_size)
         if misaligned or (size != layout.frame_size and end != layout.length):
             return self._drop(DropReason.MISALIGNED, f"{size} bytes at {offset}, frame size {layout.frame_size}")

@@ -27,6 +27,13 @@ class SendData:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Idle:
+    """Nothing to send before `until` (an empty image has only metadata to repeat)."""
+
+    until: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SendMetadata:
     """Send these complete datagrams (metadata frames), in order."""
 
@@ -52,16 +59,16 @@ class Carousel:
         self._next_frame = 0
         self._metadata_due_at: float | None = None  # None: due now (start of the first loop)
 
-    def next_send(self, now: float) -> SendData | SendMetadata:
+    def next_send(self, now: float) -> SendData | SendMetadata | Idle:
         if self._metadata_due_at is None or now >= self._metadata_due_at:
             self._metadata_due_at = now + self.metadata_interval
             return SendMetadata(datagrams=self.metadata_datagrams)
         frame_count = self.layout.frame_count
         if frame_count == 0:
-            # An empty image is all metadata; the loop is complete at once.
+            # An empty image is all metadata: each metadata round is a whole loop, and between rounds there is
+            # nothing to send (sending metadata back to back would flood the group).
             self.loops_completed += 1
-            self._metadata_due_at = now + self.metadata_interval
-            return SendMetadata(datagrams=self.metadata_datagrams)
+            return Idle(until=self._metadata_due_at)
         frame = self._next_frame
         offset = frame * self.layout.frame_size
         length = min(self.layout.frame_size, self.layout.length - offset)

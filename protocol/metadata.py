@@ -173,7 +173,7 @@ def _parse_checksums(value: object, *, block_count: int) -> tuple[int, tuple[int
     first, sums = value.get("first"), value.get("sums")
     if not _is_int(first) or first < 0:
         return "'xxh3.first' must be a non-negative integer"
-    if not isinstance(sums, list) or not all(isinstance(s, str) and _XXH3_HEX.fullmatch(s) for s in sums):
+    if not isinstance(sums, list) or not all(isinstance(s, str) and _XXH3_HEX.fullmatch(s.lower()) for s in sums):
         return "'xxh3.sums' must be a list of 16-hex-digit strings"
     if first + len(sums) > block_count:
         return f"'xxh3' covers blocks up to {first + len(sums) - 1}, the image has {block_count}"

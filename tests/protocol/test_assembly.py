@@ -258,3 +258,15 @@ def test_the_frame_size_of_a_minimal_sender_is_learned_from_a_frame_that_proves_
     assert isinstance(tail, Dropped) and tail.reason is DropReason.BEFORE_METADATA
     assert isinstance(assembly.receive_datagram(data[3]), DataReceived)
     assert assembly.layout.frame_size == FRAME
+
+
+def test_a_frame_past_the_end_cannot_teach_a_wrong_frame_size():
+    image = image_of(10_500)
+    metadata, data = all_datagrams(image, minimal=True)
+    assembly = Assembly(cookie=COOKIE)
+    assembly.receive_datagram(metadata[0])
+    result = assembly.receive_datagram(encode_data(COOKIE, 0, bytes(20_000)))
+    assert isinstance(result, Dropped) and result.reason is DropReason.PAST_END
+    assert assembly.layout is None
+    assert isinstance(assembly.receive_datagram(data[0]), DataReceived)
+    assert assembly.layout.frame_size == FRAME

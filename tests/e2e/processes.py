@@ -1,0 +1,109 @@
+"""Helpers to run the real `vmcast` command as separate processes in end-to-end tests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+VMCAST = [sys.executable, "-m", "vmcast.server.cli"]
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def sha1_of(path: Path) -> str:
+    digest = hashlib.sha1()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_random_image(path: Path, mib: int, *, seed: int = 0) -> str:
+    """A random image of `mib` MiB; returns its SHA-1."""
+    digest = hashlib.sha1()
+    with path.open("wb") as handle:
+        for _ in range(mib):
+            chunk = os.urandom(1 << 20)
+            digest.update(chunk)
+            handle.write(chunk)
+    return digest.hexdigest()
+
+
+def stop(process: subprocess.Popen, *, timeout: float = 10) -> None:
+    """End a process we started, by its PID: SIGINT first (it cleans up), SIGKILL if it will not."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def running_server(images: Path, tmp: Path, *extra: str) -> Iterator[str]:
+    """`vmcast serve` on a free port on loopback; yields its URL."""
+    port = free_tcp_port()
+    log = (tmp / f"server-{port}.log").open("w")
+    server = subprocess.Popen(
+        [*VMCAST, "serve", "--images", str(images), "--port", str(port), "--mcast-port", str(free_udp_port()),
+         "--cache-dir", str(tmp / "cache"), *extra],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert server.poll() is None, (tmp / f"server-{port}.log").read_text()
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "vmcast serve did not come up"
+            time.sleep(0.1)
+        yield url
+    finally:
+        stop(server)
+
+
+def start_receiver(*args: str, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([*VMCAST, "receive", *args, "--json"], stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+
+
+def receiver_result(process: subprocess.Popen, *, timeout: float) -> tuple[int, dict]:
+    """Wait for a receiver; return its exit code and the JSON summary it printed last."""
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(process)
+        out, _ = process.communicate()
+    summary: dict = {}
+    for line in reversed(out.strip().splitlines()):
+        try:
+            summary = json.loads(line)
+            break
+        except ValueError:
+            continue
+    return process.returncode, summary

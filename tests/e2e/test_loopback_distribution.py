@@ -1,0 +1,57 @@
+"""End to end over real loopback multicast: `vmcast serve` and three `vmcast receive` processes."""
+
+import subprocess
+import time
+
+import httpx
+
+from .processes import receiver_result, running_server, sha1_of, start_receiver, write_random_image
+
+IMAGE_MIB = 64
+
+
+def test_three_receivers_one_joining_mid_loop_all_hold_verified_identical_copies(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    expected = write_random_image(images / "disk.raw", IMAGE_MIB)
+    # Paced so the 64 MiB loop lasts about two seconds: the late receiver surely joins mid-loop.
+    with running_server(images, tmp_path, "--rate", "300mbit") as url:
+        outputs = [tmp_path / f"out-{i}.raw" for i in range(3)]
+        receivers = [
+            start_receiver("disk.raw", "--server", url, "--output", str(outputs[i]), log=tmp_path / f"r{i}.log")
+            for i in range(2)
+        ]
+        deadline = time.monotonic() + 20
+        while not httpx.get(f"{url}/v1/streams").json() or httpx.get(f"{url}/v1/streams").json()[0]["bytes_sent"] < (IMAGE_MIB << 20) // 3:
+            assert time.monotonic() < deadline, "the stream never got going"
+            time.sleep(0.05)
+        receivers.append(start_receiver("disk.raw", "--server", url, "--output", str(outputs[2]), log=tmp_path / "r2.log"))
+
+        results = [receiver_result(r, timeout=120) for r in receivers]
+        for index, (code, summary) in enumerate(results):
+            log = (tmp_path / f"r{index}.log").read_text()[-2000:]
+            assert code == 0, f"receiver {index} exited {code}: {log}"
+            assert summary["sha1"] == expected
+            assert sha1_of(outputs[index]) == expected
+
+        # Every receiver released its lease: the stream stops and disappears.
+        deadline = time.monotonic() + 5
+        while any(s.get("references", 0) > 0 for s in httpx.get(f"{url}/v1/streams").json()):
+            assert time.monotonic() < deadline, "leases were not released"
+            time.sleep(0.1)
+
+
+def test_a_qcow2_image_is_received_as_raw_identical_to_qemu_img_convert(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    source = tmp_path / "source.raw"
+    write_random_image(source, 8)
+    with source.open("r+b") as handle:
+        handle.truncate(24 << 20)  # 16 MiB of zeros at the end, as VM images have
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(source), str(images / "vm.qcow2")], check=True)
+    expected = sha1_of(source)
+    with running_server(images, tmp_path, "--rate", "0") as url:
+        receiver = start_receiver("vm.qcow2", "--format", "raw", "--server", url, "--output", str(tmp_path / "vm.raw"), log=tmp_path / "r.log")
+        code, summary = receiver_result(receiver, timeout=120)
+    assert code == 0, (tmp_path / "r.log").read_text()[-2000:]
+    assert sha1_of(tmp_path / "vm.raw") == expected == summary["sha1"]
