@@ -18,6 +18,14 @@ from .assembly import (
     StreamFailed,
 )
 from .carousel import METADATA_INTERVAL, Carousel, Idle, SendData, SendMetadata
+from .repair import (
+    REPAIR_REQUEST_OFFSET,
+    RepairPlanner,
+    RepairQueue,
+    RepairRequest,
+    decode_repair_request,
+    encode_repair_request,
+)
 from .errors import LocalProtocolError, MetadataConflict, ProtocolError, RemoteProtocolError
 from .frames import (
     COOKIE_SIZE,

@@ -11,6 +11,11 @@ from dataclasses import dataclass
 
 from .frames import encode_header, encode_metadata, METADATA_OFFSET
 from .metadata import METADATA_PAYLOAD_LIMIT, Manifest
+from .repair import RepairQueue, RepairRequest
+
+# When repairs are pending, at most this many are sent in a row before a carousel frame: receivers that
+# joined late still need the carousel to move, so repairs take at most half of the rate.
+MAX_REPAIRS_IN_A_ROW = 1
 
 # How often metadata is repeated within a loop. A receiver drops data until it has metadata, so this bounds
 # what a late joiner throws away (at 1 Gbit/s, one second is 119 MB it will take on the next loop instead).
@@ -24,6 +29,8 @@ class SendData:
     header: bytes
     offset: int
     length: int
+    repair: bool = False
+    """True for a frame resent because a receiver asked: send it from the repair socket (docs/PROTOCOL.md 7)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,6 +65,13 @@ class Carousel:
         self.data_frames_sent = 0
         self._next_frame = 0
         self._metadata_due_at: float | None = None  # None: due now (start of the first loop)
+        self.repairs = RepairQueue(layout=manifest.layout)
+        self.repair_frames_sent = 0
+        self._repairs_in_a_row = 0
+
+    def request_repair(self, request: RepairRequest) -> None:
+        """Merge a receiver's request into the work list; requested frames go out ahead of the carousel."""
+        self.repairs.add(request)
 
     def next_send(self, now: float) -> SendData | SendMetadata | Idle:
         if self._metadata_due_at is None or now >= self._metadata_due_at:
@@ -69,7 +83,17 @@ class Carousel:
             # nothing to send (sending metadata back to back would flood the group).
             self.loops_completed += 1
             return Idle(until=self._metadata_due_at)
+        if self._repairs_in_a_row < MAX_REPAIRS_IN_A_ROW:
+            repair = self.repairs.pop()
+            if repair is not None:
+                self._repairs_in_a_row += 1
+                self.repair_frames_sent += 1
+                offset = repair * self.layout.frame_size
+                length = min(self.layout.frame_size, self.layout.length - offset)
+                return SendData(header=encode_header(self.cookie, offset), offset=offset, length=length, repair=True)
+        self._repairs_in_a_row = 0
         frame = self._next_frame
+        self.repairs.sent_by_carousel(frame)
         offset = frame * self.layout.frame_size
         length = min(self.layout.frame_size, self.layout.length - offset)
         self._next_frame += 1

@@ -1,0 +1,238 @@
+"""Repair: receivers ask for the frames they lost; the sender merges every request into one work list.
+
+The approach of Emulab's Frisbee and of NORM: a receiver that has seen the carousel pass a region and still
+misses frames of it sends a small *repair request* (a NACK) to the sender, after a random delay and at a
+bounded rate. The sender keeps one set of requested frames for all receivers and multicasts them ahead of the
+carousel, so one retransmission serves every receiver that lost the same frame, and a frame asked for by a
+thousand receivers is sent once.
+
+Wire format (docs/PROTOCOL.md section 7)::
+
+    request  = cookie (8) | 0xFFFFFFFFFFFFFFFE (u64 BE) | JSON {"v": 1, "frames": [[first, count], ...]}
+
+sent by UDP unicast to the sender's repair address. Repair frames are ordinary data frames that the sender
+sends from a UDP source port other than the carousel's (the one its metadata frames come from), so receivers
+can follow the carousel's position without being misled by repairs.
+
+Sans-IO: `RepairPlanner` (receiver side) and `RepairQueue` (sender side) take `now` and random draws from
+the caller and return what to send.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from bitarray import bitarray
+from bitarray.util import intervals
+
+from .frames import COOKIE_SIZE, HEADER, HEADER_SIZE, DropReason, Dropped
+from .metadata import METADATA_PAYLOAD_LIMIT, PROTOCOL_VERSION, Layout
+
+REPAIR_REQUEST_OFFSET = 0xFFFF_FFFF_FFFF_FFFE
+
+# A receiver asks at most this often. With thousands of receivers the requests of one interval are merged by
+# the sender anyway, so asking more often only costs the sender parsing time.
+REQUEST_INTERVAL = 0.2
+# Random extra delay before each request, up to this fraction of the interval: receivers that lost the same
+# burst do not all ask in the same millisecond (NORM's NACK back-off, without the suppression round).
+REQUEST_JITTER = 0.5
+# Frames within this distance behind the carousel's position are not asked for yet: a datagram reordered by
+# the network or still in a socket buffer is not lost.
+REORDER_MARGIN = 64
+# A frame asked for is not asked for again before this long: time for the sender to serve the request.
+REREQUEST_AFTER = 1.0
+# Ranges per request; the JSON stays under the metadata payload limit (about 20 bytes per range).
+MAX_RANGES_PER_REQUEST = 48
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RepairRequest:
+    """Frames a receiver asks for, as ``(first frame, count)`` ranges."""
+
+    ranges: tuple[tuple[int, int], ...]
+
+    @property
+    def frame_count(self) -> int:
+        return sum(count for _, count in self.ranges)
+
+
+def encode_repair_request(cookie: bytes, request: RepairRequest) -> bytes:
+    body = json.dumps({"v": PROTOCOL_VERSION, "frames": [list(r) for r in request.ranges]}, separators=(",", ":"))
+    return HEADER.pack(cookie, REPAIR_REQUEST_OFFSET) + body.encode()
+
+
+def decode_repair_request(datagram: bytes | memoryview, *, cookie: bytes, frame_count: int) -> RepairRequest | Dropped:
+    """Parse a repair request for a stream of `frame_count` frames. Never raises."""
+    if len(datagram) < HEADER_SIZE:
+        return Dropped(reason=DropReason.TOO_SHORT, detail=f"{len(datagram)} bytes")
+    their_cookie, marker = HEADER.unpack_from(datagram)
+    if their_cookie != cookie:
+        return Dropped(reason=DropReason.FOREIGN_COOKIE, detail=their_cookie.hex())
+    if marker != REPAIR_REQUEST_OFFSET:
+        return Dropped(reason=DropReason.MALFORMED_METADATA, detail="not a repair request")
+    try:
+        fields = json.loads(bytes(datagram[HEADER_SIZE:]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        return Dropped(reason=DropReason.MALFORMED_METADATA, detail=f"repair request is not JSON: {error}")
+    ranges = fields.get("frames") if isinstance(fields, dict) else None
+    if not isinstance(ranges, list):
+        return Dropped(reason=DropReason.MALFORMED_METADATA, detail="repair request without a 'frames' list")
+    parsed = []
+    for item in ranges:
+        if not (isinstance(item, list) and len(item) == 2 and all(type(v) is int for v in item)):
+            return Dropped(reason=DropReason.MALFORMED_METADATA, detail=f"bad range {item!r}")
+        first, count = item
+        if first < 0 or count <= 0 or first + count > frame_count:
+            return Dropped(reason=DropReason.MALFORMED_METADATA, detail=f"range {item!r} outside {frame_count} frames")
+        parsed.append((first, count))
+    return RepairRequest(ranges=tuple(parsed))
+
+
+class RepairPlanner:
+    """Receiver side: decides when to ask for which lost frames.
+
+    Feed it every carousel frame index (`observe_carousel`, not repair frames) and call `poll(now, jitter)`
+    regularly; it returns a `RepairRequest` when there is something to ask for. `received` is the assembly's
+    bitarray of held frames (read, never written).
+
+    A frame is *passed* when the carousel went past it since this receiver joined: from the first frame it saw
+    (the join point) to the latest one, cyclically; after a whole loop everything is passed. Only passed frames,
+    more than `REORDER_MARGIN` behind the position, not asked for in the last `REREQUEST_AFTER` seconds, are
+    asked for.
+    """
+
+    def __init__(self, *, layout: Layout, received: bitarray, interval: float = REQUEST_INTERVAL, rerequest_after: float = REREQUEST_AFTER) -> None:
+        self.layout = layout
+        self.received = received
+        self.interval = interval
+        self.rerequest_after = rerequest_after
+        self.requests_sent = 0
+        self.frames_requested = 0
+        self._join: int | None = None
+        self._head = 0
+        self._passed_everything = False
+        self._wrapped = False
+        self._next_request_at: float | None = None
+        self._outstanding: list[tuple[int, int, float]] = []  # (first, count, when asked), oldest first
+        self._requested = bitarray(layout.frame_count)
+        self._requested.setall(0)
+
+    def observe_carousel(self, frame: int) -> None:
+        """The carousel sent `frame` (a data frame from the carousel's source port)."""
+        if self._join is None:
+            self._join = self._head = frame
+            return
+        if frame < self._head:
+            # The carousel wrapped to the image's start (it only goes forward otherwise).
+            if self._wrapped:
+                self._passed_everything = True
+            self._wrapped = True
+        elif self._wrapped and frame >= self._join:
+            self._passed_everything = True
+        self._head = frame
+
+    def poll(self, now: float, *, jitter: float) -> RepairRequest | None:
+        """What to ask for now, if anything. `jitter` is a random draw in [0, 1) from the caller."""
+        if self._next_request_at is None:
+            self._next_request_at = now + self.interval * (1 + REQUEST_JITTER * jitter)
+            return None
+        if now < self._next_request_at or self._join is None:
+            return None
+        self._next_request_at = now + self.interval * (1 + REQUEST_JITTER * jitter)
+        self._expire_requests(now)
+        wanted = self._wanted_frames()
+        ranges: list[tuple[int, int]] = []
+        for value, start, stop in intervals(wanted):
+            if value:
+                ranges.append((start, stop - start))
+                if len(ranges) == MAX_RANGES_PER_REQUEST:
+                    break
+        if not ranges:
+            return None
+        for first, count in ranges:
+            self._requested[first : first + count] = 1
+            self._outstanding.append((first, count, now))
+        self.requests_sent += 1
+        request = RepairRequest(ranges=tuple(ranges))
+        self.frames_requested += request.frame_count
+        return request
+
+    def _wanted_frames(self) -> bitarray:
+        wanted = ~self.received
+        wanted &= ~self._requested
+        if not self._passed_everything:
+            passed = bitarray(len(wanted))
+            passed.setall(0)
+            start, head = self._join, max(self._head - REORDER_MARGIN, -1)
+            if not self._wrapped:
+                if head >= start:
+                    passed[start : head + 1] = 1
+            else:
+                passed[start:] = 1
+                if head >= 0:
+                    passed[: head + 1] = 1
+            wanted &= passed
+        else:
+            # Everything was passed, but frames just behind the position may still be on their way.
+            low = max(self._head - REORDER_MARGIN + 1, 0)
+            wanted[low : self._head + 1] = 0
+        return wanted
+
+    def _expire_requests(self, now: float) -> None:
+        while self._outstanding and now - self._outstanding[0][2] >= self.rerequest_after:
+            first, count, _ = self._outstanding.pop(0)
+            self._requested[first : first + count] = 0
+
+
+class RepairQueue:
+    """Sender side: the union of every receiver's requests, served in frame order ahead of the carousel.
+
+    One bit per frame: a frame requested by any number of receivers is sent once. When the carousel itself
+    sends a requested frame, the request is satisfied too. The carousel asks it about every frame it sends,
+    so the empty case costs one comparison.
+    """
+
+    def __init__(self, *, layout: Layout) -> None:
+        self.layout = layout
+        self._pending = bitarray(layout.frame_count)
+        self._pending.setall(0)
+        self._pending_count = 0
+        self._cursor = 0
+        self.requests_received = 0
+        self.frames_requested = 0
+
+    def add(self, request: RepairRequest) -> None:
+        self.requests_received += 1
+        for first, count in request.ranges:
+            self.frames_requested += count
+            already = self._pending.count(1, first, first + count)
+            self._pending[first : first + count] = 1
+            self._pending_count += count - already
+
+    def sent_by_carousel(self, frame: int) -> None:
+        if self._pending_count and self._pending[frame]:
+            self._pending[frame] = 0
+            self._pending_count -= 1
+
+    @property
+    def pending(self) -> int:
+        return self._pending_count
+
+    def pop(self) -> int | None:
+        """The next requested frame to send (in frame order from the last one), or None."""
+        if not self._pending_count:
+            return None
+        try:
+            frame = self._pending.index(1, self._cursor)
+        except ValueError:
+            frame = self._pending.index(1)
+        self._pending[frame] = 0
+        self._pending_count -= 1
+        self._cursor = frame + 1
+        return frame
+
+
+def request_fits(request: RepairRequest, cookie: bytes) -> bool:
+    """Whether the encoded request stays under the metadata payload limit (tests use this)."""
+    return len(encode_repair_request(cookie, request)) - HEADER_SIZE <= METADATA_PAYLOAD_LIMIT and len(cookie) == COOKIE_SIZE

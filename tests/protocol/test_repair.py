@@ -1,0 +1,146 @@
+"""Repair requests: receivers ask for what the carousel passed and they lost; the sender merges requests."""
+
+import random
+
+import pytest
+
+from vmcast.protocol import (
+    Carousel,
+    DataReceived,
+    Dropped,
+    DropReason,
+    RepairPlanner,
+    RepairQueue,
+    RepairRequest,
+    SendData,
+    SendMetadata,
+    decode_repair_request,
+    encode_repair_request,
+    manifest_of,
+)
+from vmcast.protocol.repair import MAX_RANGES_PER_REQUEST, request_fits
+
+from .memlink import MemoryReceiver
+
+COOKIE = b"repair!!"
+
+
+def test_requests_round_trip_and_fit_a_datagram():
+    request = RepairRequest(ranges=tuple((i * 1000, 7) for i in range(MAX_RANGES_PER_REQUEST)))
+    assert request_fits(request, COOKIE)
+    decoded = decode_repair_request(encode_repair_request(COOKIE, request), cookie=COOKIE, frame_count=10**6)
+    assert decoded == request
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"{", b"[]", b'{"frames": 3}', b'{"frames": [[1]]}', b'{"frames": [[-1, 2]]}', b'{"frames": [[0, 0]]}',
+     b'{"frames": [[99, 5]]}', b'{"frames": [[1, true]]}'],
+)
+def test_malformed_requests_are_dropped_not_raised(body):
+    datagram = encode_repair_request(COOKIE, RepairRequest(ranges=()))[:16] + body
+    result = decode_repair_request(datagram, cookie=COOKIE, frame_count=100)
+    assert isinstance(result, Dropped)
+
+
+def test_a_request_of_another_stream_is_foreign():
+    datagram = encode_repair_request(b"someone!", RepairRequest(ranges=((0, 1),)))
+    assert decode_repair_request(datagram, cookie=COOKIE, frame_count=100).reason is DropReason.FOREIGN_COOKIE
+
+
+def test_the_queue_sends_a_frame_once_however_many_receivers_ask():
+    layout = manifest_of(bytes(100_000), frame_size=1000).layout
+    queue = RepairQueue(layout=layout)
+    for _ in range(1000):
+        queue.add(RepairRequest(ranges=((10, 3), (50, 1))))
+    assert queue.pending == 4
+    assert [queue.pop() for _ in range(5)] == [10, 11, 12, 50, None]
+
+
+def test_a_frame_the_carousel_sends_anyway_leaves_the_queue():
+    layout = manifest_of(bytes(100_000), frame_size=1000).layout
+    queue = RepairQueue(layout=layout)
+    queue.add(RepairRequest(ranges=((10, 2),)))
+    queue.sent_by_carousel(10)
+    assert queue.pending == 1 and queue.pop() == 11
+
+
+def test_a_planner_asks_only_for_frames_the_carousel_has_passed():
+    layout = manifest_of(bytes(1_000_000), frame_size=1000).layout
+    received = _bits(layout.frame_count)
+    planner = RepairPlanner(layout=layout, received=received)
+    for frame in range(300, 700):  # joined at 300; lost 400-409
+        if not 400 <= frame < 410:
+            received[frame] = 1
+        planner.observe_carousel(frame)
+    assert planner.poll(0.0, jitter=0.0) is None  # the first poll only sets the timer
+    request = planner.poll(10.0, jitter=0.0)
+    assert request.ranges == ((400, 10),)  # not 0-299 (not passed yet), not 630-699 (within the reorder margin)
+    assert planner.poll(10.5, jitter=0.0) is None  # asked already; not again before it could be served
+
+
+def test_after_a_whole_loop_a_planner_asks_for_everything_it_lacks():
+    layout = manifest_of(bytes(100_000), frame_size=1000).layout
+    received = _bits(layout.frame_count)
+    planner = RepairPlanner(layout=layout, received=received)
+    for frame in [*range(50, 100), *range(0, 60)]:
+        if frame not in (5, 70):
+            received[frame] = 1
+        planner.observe_carousel(frame)
+    planner.poll(0.0, jitter=0.0)
+    assert planner.poll(1.0, jitter=0.0).ranges == ((70, 1),)  # frame 5 is within the margin of position 59
+    for frame in range(60, 100):
+        planner.observe_carousel(frame)
+    planner.poll(5.0, jitter=0.0)
+    assert (5, 1) in planner.poll(10.0, jitter=0.0).ranges
+
+
+def _bits(n):
+    from bitarray import bitarray
+
+    bits = bitarray(n)
+    bits.setall(0)
+    return bits
+
+
+def run_with_repair(image, *, receivers, loss, seed, use_repair):
+    rng = random.Random(seed)
+    manifest = manifest_of(image, frame_size=1000, block_size=8000)
+    carousel = Carousel(manifest=manifest, cookie=COOKIE, metadata_interval=0.05)
+    nodes = [MemoryReceiver(cookie=COOKIE) for _ in range(receivers)]
+    planners: list[RepairPlanner | None] = [None] * receivers
+    now = 0.0
+    while not all(n.complete for n in nodes):
+        assert now < 10, "did not complete"
+        action = carousel.next_send(now)
+        if isinstance(action, SendMetadata):
+            batch = [(d, False, None) for d in action.datagrams]
+        else:
+            frame = action.offset // 1000
+            batch = [(action.header + image[action.offset : action.offset + action.length], action.repair, frame)]
+        for datagram, is_repair, frame in batch:
+            for i, node in enumerate(nodes):
+                if node.complete or rng.random() < loss:
+                    continue
+                node.feed(datagram)
+                if planners[i] is None and node.assembly.layout is not None:
+                    planners[i] = RepairPlanner(layout=node.assembly.layout, received=node.assembly._received, interval=0.01, rerequest_after=0.05)
+                if planners[i] is not None and frame is not None and not is_repair:
+                    planners[i].observe_carousel(frame)
+        if use_repair:
+            for planner, node in zip(planners, nodes):
+                if planner is not None and not node.complete:
+                    request = planner.poll(now, jitter=rng.random())
+                    if request is not None and rng.random() >= loss:
+                        carousel.request_repair(request)
+        now += 1e-4
+    return now, carousel
+
+
+def test_with_repair_lossy_receivers_finish_sooner_with_identical_images():
+    image = random.Random(3).randbytes(4_000_000)  # 4000 frames: a loop lasts 0.4 simulated seconds
+    plain_time, _ = run_with_repair(image, receivers=4, loss=0.05, seed=1, use_repair=False)
+    repaired_time, carousel = run_with_repair(image, receivers=4, loss=0.05, seed=1, use_repair=True)
+    assert repaired_time < plain_time
+    assert carousel.repair_frames_sent > 0
+    assert carousel.repairs.frames_requested >= carousel.repair_frames_sent
