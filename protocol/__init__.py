@@ -29,7 +29,9 @@ from .repair import (
 from .errors import LocalProtocolError, MetadataConflict, ProtocolError, RemoteProtocolError
 from .frames import (
     COOKIE_SIZE,
+    HEADER,
     HEADER_SIZE,
+    MAX_DATAGRAM,
     METADATA_OFFSET,
     DataFrame,
     Dropped,

@@ -1,2 +1,370 @@
-def main():
-    print("hi")
+"""The `vmcast` command: the root typer app (`serve`, `stream ...`, and the receiver's `receive`).
+
+`main()` is the console script. Every failure a user can cause ends with a one-line message on stderr and a
+non-zero exit status, never a traceback: 1 for a server or network problem, 2 for bad options.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .client import DEFAULT_SERVER, START_TIMEOUT, ServerClient
+from .errors import ClientError, ServerError
+from .rates import format_rate
+from .settings import MAX_PAYLOAD, Settings, payload_warning
+
+app = typer.Typer(
+    name="vmcast",
+    help=(
+        "Deliver the same disk image to many machines at once over UDP multicast, and prove every copy correct.\n\n"
+        "A server ([bold]vmcast serve[/]) offers the images of a directory and streams each in a loop to its own "
+        "multicast group; [bold]vmcast stream start[/] asks it for a stream and prints the group, port and cookie "
+        "that receivers ([bold]vmcast receive[/]) join."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+stream_app = typer.Typer(
+    help="Start, list and stop streams on a running [bold]vmcast serve[/] (over its HTTP API).",
+    no_args_is_help=True,
+)
+app.add_typer(stream_app, name="stream")
+
+# The receiver engineer's command. Until receiver/cli.py exists `vmcast` works without it; any other import
+# error inside it is a real bug and is raised.
+try:
+    from vmcast.receiver.cli import receive
+except ModuleNotFoundError as error:
+    if error.name != "vmcast.receiver.cli":
+        raise
+else:
+    app.command("receive")(receive)
+
+
+def _err() -> Console:
+    # Made when used (not at import), so the width follows the terminal and COLUMNS of the moment. Messages are
+    # not wrapped (soft_wrap): a log or a pipe keeps each on one line; tables still fit the width.
+    return Console(stderr=True, soft_wrap=True)
+
+
+def _out() -> Console:
+    return Console(soft_wrap=True)
+
+
+# Settings field -> the option that sets it, to name options in error messages.
+_OPTION_OF = {
+    "images_dir": "--images",
+    "host": "--host",
+    "port": "--port",
+    "interface": "--interface",
+    "group_range": "--group-range",
+    "mcast_port": "--mcast-port",
+    "rate": "--rate",
+    "payload": "--payload",
+    "ttl": "--ttl",
+    "cache_dir": "--cache-dir",
+    "qemu_img": "--qemu-img",
+}
+
+
+def _fail(message: str, *, status: int = 1) -> NoReturn:
+    _err().print(f"[bold red]error:[/] {escape(message)}")
+    raise typer.Exit(status)
+
+
+# -- vmcast serve ------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    images: Annotated[
+        Path,
+        typer.Option(
+            "--images",
+            help="Directory of the images to serve. An image's name is its file name; raw, qcow2 and the other formats qemu-img reads are detected.",
+            show_default=False,
+        ),
+    ],
+    host: Annotated[
+        str, typer.Option(help="Address the HTTP API listens on (0.0.0.0 for every interface).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port of the HTTP API.")] = 8470,
+    interface: Annotated[
+        str,
+        typer.Option(
+            help="Where multicast leaves this machine: one of its IPv4 addresses, or an interface name such as eth0. The default keeps streams on this machine."
+        ),
+    ] = "127.0.0.1",
+    group_range: Annotated[
+        str, typer.Option(help="IPv4 multicast range (CIDR) the streams' groups are taken from, one group per stream.")
+    ] = "239.255.0.0/16",
+    mcast_port: Annotated[int, typer.Option(help="UDP destination port of every stream.")] = 8471,
+    rate: Annotated[
+        str,
+        typer.Option(
+            help="Send rate of each stream, in bits per second with IP/UDP headers counted: 1gbit, 300mbit, 500k, 2.5g, or 0 for unpaced."
+        ),
+    ] = "1gbit",
+    payload: Annotated[
+        int,
+        typer.Option(
+            help=f"Image bytes per datagram, 1 to {MAX_PAYLOAD}. Up to 1456 fits a 1500-byte Ethernet MTU; more needs jumbo frames."
+        ),
+    ] = 1400,
+    ttl: Annotated[int, typer.Option(help="IP multicast TTL (hops): 1 stays on the local network segment.")] = 1,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where raw conversions of qcow2 images and manifests are cached.  \\[default: ~/.cache/vmcast]",
+            show_default=False,
+        ),
+    ] = None,
+    qemu_img: Annotated[str, typer.Option(help="The qemu-img executable.")] = "qemu-img",
+    log_level: Annotated[str, typer.Option(help="Log level: debug, info, warning or error.")] = "info",
+) -> None:
+    """Serve the images of a directory over HTTP and stream them over multicast on request.
+
+    Each stream loops over its image at --rate until the last lease on it is released. A qcow2 image is
+    offered as qcow2 and as raw; its raw form is made once with qemu-img and cached in --cache-dir.
+    API documentation: http://HOST:PORT/docs.
+
+    [bold]Example[/] (one machine; add --interface 192.0.2.10 to reach a LAN):
+
+        vmcast serve --images /srv/images --rate 300mbit
+    """
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = {
+        "images_dir": images, "host": host, "port": port, "interface": interface, "group_range": group_range,
+        "mcast_port": mcast_port, "rate": rate, "payload": payload, "ttl": ttl, "qemu_img": qemu_img,
+    }  # fmt: skip
+    if cache_dir is not None:
+        options["cache_dir"] = cache_dir
+    try:
+        settings = Settings(**options)
+    except ValidationError as error:
+        for problem in error.errors():
+            option = _OPTION_OF.get(str(problem["loc"][0]), str(problem["loc"][0])) if problem["loc"] else "options"
+            _err().print(f"[bold red]error:[/] {option}: {escape(problem['msg'].removeprefix('Value error, '))}")
+        raise typer.Exit(2) from None
+    warning = payload_warning(settings.payload)
+    if warning:
+        _err().print(f"[bold yellow]warning:[/] --payload: {escape(warning)}")
+
+    import uvicorn  # here: `vmcast stream` and `--help` need not load it
+
+    from .app import create_app, start_services
+
+    try:
+        start_services(settings)  # fail here, with the message alone, rather than in uvicorn's startup
+    except ServerError as error:
+        _fail(str(error), status=2)
+    listener = _listen(settings.host, settings.port)
+    bound_port = listener.getsockname()[1]
+    url = f"http://{settings.host}:{bound_port}"
+    _err().print(
+        f"vmcast serving {escape(str(settings.images_dir))} at {url} (API docs: {url}/docs); streams to "
+        f"{settings.group_range} port {settings.mcast_port} by {escape(settings.interface)} at {format_rate(settings.rate)}"
+    )
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level=log_level.lower(), access_log=False))
+    server.run(sockets=[listener])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The HTTP API's listening socket, bound here so that a taken port is a clear message (and no race)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as error:
+        _fail(f"--host: cannot resolve {host!r}: {error.strerror}", status=2)
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(address)
+    except OSError as error:
+        listener.close()
+        if error.errno == 98:  # EADDRINUSE
+            _fail(
+                f"--port: port {port} on {host} is already in use (another vmcast serve?); choose another with --port",
+                status=2,
+            )
+        _fail(f"--host/--port: cannot listen on {host}:{port}: {error.strerror}", status=2)
+    listener.listen(2048)
+    return listener
+
+
+# -- vmcast stream ...  --------------------------------------------------------------------------------------------
+
+ServerOption = Annotated[
+    str,
+    typer.Option("--server", envvar="VMCAST_SERVER", help="URL of the vmcast server's HTTP API."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the server's answer as JSON instead of a table.")]
+
+
+@stream_app.command("start")
+def stream_start(
+    image: Annotated[
+        str, typer.Argument(help="Image name, as the server lists it (its file name).", show_default=False)
+    ],
+    format: Annotated[
+        str, typer.Option("--format", help="Format to stream the image in: raw, or the image's own format (qcow2...).")
+    ] = "raw",
+    server: ServerOption = DEFAULT_SERVER,
+    json_output: JsonOption = False,
+    timeout: Annotated[
+        float,
+        typer.Option(help="Seconds to wait for the server; the first start of a large qcow2 image converts it first."),
+    ] = START_TIMEOUT,
+) -> None:
+    """Start the stream of an image, or join it if it runs, and print its lease, group, port and cookie.
+
+    Starting an image that already streams in that format shares the stream; each start returns its own lease,
+    and the stream stops when every lease is released ([bold]vmcast stream stop[/]).
+
+    [bold]Example:[/]
+
+        vmcast stream start debian-12.qcow2 --format raw --server http://10.0.0.5:8470
+    """
+    try:
+        with ServerClient(server, start_timeout=timeout) as client:
+            started = client.start_stream(image, format)
+    except ClientError as error:
+        _fail(str(error))
+    if json_output:
+        _out().print_json(started.model_dump_json(by_alias=True))
+        return
+    table = Table(title=f"stream of {escape(started.image)} ({started.format})", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for name, value in (
+        ("lease", started.lease_id),
+        ("stream", started.stream_id),
+        ("group", f"{started.group}:{started.port}"),
+        ("cookie", started.cookie),
+        ("size", f"{started.length:,} bytes"),
+        ("sha1", started.sha1),
+        ("frame size", f"{started.frame_size} bytes"),
+    ):
+        table.add_row(name, escape(value))
+    _out().print(table)
+    _out().print(f"Stop with: vmcast stream stop {started.lease_id} --server {escape(server)}")
+
+
+@stream_app.command("stop")
+def stream_stop(
+    lease_id: Annotated[str, typer.Argument(help="The lease that `vmcast stream start` printed.", show_default=False)],
+    server: ServerOption = DEFAULT_SERVER,
+    json_output: JsonOption = False,
+) -> None:
+    """Release a lease; the stream stops when its last lease is released.
+
+    Safe to repeat: releasing a lease again changes nothing and says so.
+
+    [bold]Example:[/]
+
+        vmcast stream stop 0b6f8f9e-2c1d-4c55-9a4e-4f7f0a9d1e2b --server http://10.0.0.5:8470
+    """
+    try:
+        with ServerClient(server) as client:
+            released = client.release(lease_id)
+    except ClientError as error:
+        _fail(str(error))
+    if json_output:
+        _out().print_json(released.model_dump_json())
+        return
+    _out().print(escape(released.detail))
+
+
+@stream_app.command("list")
+def stream_list(server: ServerOption = DEFAULT_SERVER, json_output: JsonOption = False) -> None:
+    """List the running streams with their counters.
+
+    [bold]Example:[/]
+
+        vmcast stream list --server http://10.0.0.5:8470
+    """
+    try:
+        with ServerClient(server) as client:
+            streams = client.streams()
+    except ClientError as error:
+        _fail(str(error))
+    if json_output:
+        _out().print_json(data=[stream.model_dump(mode="json", by_alias=True) for stream in streams])
+        return
+    if not streams:
+        _out().print("no streams running")
+        return
+    # Every stream of a server has the same configured rate: it goes in the title, not in a column.
+    rates = {format_rate(stream.rate_bps) for stream in streams}
+    table = Table(title=f"streams on {escape(server)}, each at {', '.join(sorted(rates))}")
+    right = {"refs", "loops", "sent", "measured"}
+    for column in ("stream", "image", "format", "group:port", "cookie", "refs", "loops", "sent", "measured", "state"):
+        # What a receiver needs (group, cookie) is never cut; other columns fold rather than lose characters.
+        table.add_column(
+            column,
+            justify="right" if column in right else "left",
+            no_wrap=column in {"group:port", "cookie"},
+            overflow="fold",
+        )
+    for stream in streams:
+        table.add_row(
+            stream.stream_id[:8],
+            escape(stream.image),
+            stream.format,
+            f"{stream.group}:{stream.port}",
+            stream.cookie,
+            str(stream.references),
+            str(stream.loops_completed),
+            _bytes(stream.bytes_sent),
+            format_rate(stream.measured_bps, zero="0"),
+            stream.state,
+        )
+    _out().print(table)
+
+
+def _bytes(count: int) -> str:
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} B"
+
+
+@app.command()
+def demo(
+    rate: Annotated[str, typer.Option(help="Sender rate, bits per second on the wire (e.g. 300mbit, 1gbit; 0 = unpaced).")] = "1gbit",
+    receivers: Annotated[int, typer.Option(min=1, max=16, help="Receiver processes; the last one joins mid-loop.")] = 3,
+    workdir: Annotated[Path | None, typer.Option(help="Keep images, copies and logs here (default: a temporary directory, removed after).")] = None,
+    keep: Annotated[bool, typer.Option(help="Keep the temporary directory.")] = False,
+) -> None:
+    """A real distribution on this machine: vmcast serve plus receivers over loopback multicast.
+
+    Generates a 128 MiB qcow2 image (96 MiB random, 32 MiB zeros), serves it, and starts receivers that ask for
+    it as raw (the server converts it once with qemu-img); the last receiver joins while the first loop is
+    under way. Prints each receiver's verified SHA-1 and throughput, checked against qemu-img run independently.
+    Exit status 0 only if every receiver holds a verified, identical copy.
+
+    Example: vmcast demo --rate 2gbit --receivers 4
+    """
+    from .demo import run_demo
+
+    raise typer.Exit(run_demo(workdir=workdir, rate=rate, receivers=receivers, keep=keep))
+
+
+def main() -> None:
+    """The `vmcast` console script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

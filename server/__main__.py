@@ -1,0 +1,5 @@
+"""``python -m vmcast.server`` runs the `vmcast` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,203 @@
+"""Request and response bodies of the HTTP API, shared by the server and its clients (`vmcast.server.client`).
+
+Everything that crosses HTTP is one of these models: parsed and checked on the way in, converted from the
+internal dataclasses on the way out.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..catalog import CatalogImage
+from ..registry import Lease, Release, StreamStatus
+
+_HEX_COOKIE = r"^[0-9a-f]{16}$"
+_SHA1 = r"^[0-9a-f]{40}$"
+StreamState = Literal["running", "stopping", "stopped", "failed"]
+
+
+class _Model(BaseModel):
+    # Frozen, and fields may be given by name or by alias ("len"): clients parse what servers write.
+    model_config = ConfigDict(frozen=True, populate_by_name=True)
+
+
+class Image(_Model):
+    """An image the server offers."""
+
+    name: str = Field(description="The image's file name; what `POST /v1/streams` asks for.")
+    formats: list[str] = Field(
+        description="Formats it can be streamed in: raw for raw images; the source format and raw for qcow2 and the like."
+    )
+    size: int = Field(description="Size of the file in bytes.")
+    source_format: str = Field(description="Format of the file, as `qemu-img info` detected it.")
+    virtual_size: int = Field(description="Size in bytes of the disk it describes (the size of its raw form).")
+
+    @classmethod
+    def of(cls, image: CatalogImage) -> Image:
+        return cls(
+            name=image.name,
+            formats=list(image.formats),
+            size=image.size,
+            source_format=image.source_format,
+            virtual_size=image.virtual_size,
+        )
+
+
+class StreamRequest(_Model):
+    """Start (or join) the stream of an image."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", json_schema_extra={"examples": [{"image": "debian-12.qcow2", "format": "raw"}]}
+    )
+
+    image: str = Field(min_length=1, max_length=255, description="Image name, as `GET /v1/images` lists it.")
+    format: str = Field(
+        "raw",
+        min_length=1,
+        max_length=32,
+        description="Format to stream the image in; one of the image's `formats`.",
+    )
+
+
+class StreamStarted(_Model):
+    """A lease on a running stream, and everything a receiver needs to join it."""
+
+    stream_id: str = Field(description="The stream (shared by every lease on the same image and format).")
+    lease_id: str = Field(description="This client's lease: `DELETE /v1/leases/{lease_id}` when done.")
+    image: str
+    format: str
+    group: str = Field(description="IPv4 multicast group the stream is sent to.")
+    port: int = Field(description="UDP destination port.")
+    cookie: str = Field(
+        pattern=_HEX_COOKIE,
+        description="The stream's 8-byte cookie, 16 lowercase hex digits; receivers drop other cookies.",
+    )
+    length: int = Field(alias="len", description="Image size in bytes.")
+    sha1: str = Field(pattern=_SHA1, description="SHA-1 of the image as sent.")
+    frame_size: int = Field(description="Image bytes per data datagram.")
+    block_size: int = Field(description="Bytes per checksum block.")
+
+    @classmethod
+    def of(cls, stream: StreamStatus, lease: Lease) -> StreamStarted:
+        return cls(
+            stream_id=stream.stream_id,
+            lease_id=lease.lease_id,
+            image=stream.image,
+            format=stream.format,
+            group=str(stream.group),
+            port=stream.port,
+            cookie=stream.cookie.hex(),
+            length=stream.length,
+            sha1=stream.sha1,
+            frame_size=stream.frame_size,
+            block_size=stream.block_size,
+        )
+
+
+class Stream(_Model):
+    """A stream and its sender's counters."""
+
+    stream_id: str
+    image: str
+    format: str
+    group: str
+    port: int
+    cookie: str = Field(pattern=_HEX_COOKIE)
+    length: int = Field(alias="len", description="Image size in bytes.")
+    sha1: str = Field(pattern=_SHA1)
+    frame_size: int
+    block_size: int
+    references: int = Field(description="Leases holding the stream; it stops when the last is released.")
+    loops_completed: int = Field(description="Times the whole image was sent.")
+    bytes_sent: int = Field(description="UDP payload bytes sent (vmcast frame headers included, IP/UDP headers not).")
+    datagrams_sent: int = Field(description="Datagrams sent, data and metadata.")
+    rate_bps: int = Field(description="Configured send rate in bits/s, IP and UDP headers included; 0 = unpaced.")
+    measured_bps: float = Field(description="Measured send rate over about the last second, counted like rate_bps.")
+    send_errors: int = Field(description="Sends that failed (other than a full queue) and were retried.")
+    last_error: str | None = Field(description="The most recent send error, if any.")
+    state: StreamState
+
+    @classmethod
+    def of(cls, stream: StreamStatus) -> Stream:
+        sender = stream.sender
+        return cls(
+            stream_id=stream.stream_id,
+            image=stream.image,
+            format=stream.format,
+            group=str(stream.group),
+            port=stream.port,
+            cookie=stream.cookie.hex(),
+            length=stream.length,
+            sha1=stream.sha1,
+            frame_size=stream.frame_size,
+            block_size=stream.block_size,
+            references=stream.references,
+            loops_completed=sender.loops_completed,
+            bytes_sent=sender.bytes_sent,
+            datagrams_sent=sender.datagrams_sent,
+            rate_bps=stream.rate_bps,
+            measured_bps=round(sender.measured_bps, 1),
+            send_errors=sender.send_errors,
+            last_error=sender.last_error,
+            state=sender.state.value,
+        )
+
+
+class LeaseInfo(_Model):
+    """An active lease."""
+
+    lease_id: str
+    stream_id: str
+    created_at: float = Field(description="When it was granted, in seconds since the epoch.")
+
+    @classmethod
+    def of(cls, lease: Lease) -> LeaseInfo:
+        return cls(lease_id=lease.lease_id, stream_id=lease.stream_id, created_at=lease.created_at)
+
+
+class LeaseReleased(_Model):
+    """What `DELETE /v1/leases/{lease_id}` did. Releasing is idempotent: a lease never counts twice."""
+
+    lease_id: str
+    outcome: Literal["released", "already_released", "unknown"] = Field(
+        description="released: this call ended the lease; already_released: an earlier call did; unknown: no such lease."
+    )
+    stream_id: str | None = Field(description="The lease's stream, if known.")
+    references: int | None = Field(description="The stream's references now, if known.")
+    stream_stopped: bool = Field(description="The stream has no references left and its sender has stopped.")
+    detail: str = Field(description="The outcome in words.")
+
+    @classmethod
+    def of(cls, release: Release) -> LeaseReleased:
+        match release.outcome.value:
+            case "released" if release.stream_stopped:
+                detail = f"lease released; it was the last one, so stream {release.stream_id} stopped"
+            case "released":
+                detail = (
+                    f"lease released; stream {release.stream_id} keeps running for {release.references} other lease(s)"
+                )
+            case "already_released":
+                detail = "lease was already released; nothing changed"
+            case _:
+                detail = "no such lease (never granted, or released long ago); nothing changed"
+        return cls(
+            lease_id=release.lease_id,
+            outcome=release.outcome.value,
+            stream_id=release.stream_id,
+            references=release.references,
+            stream_stopped=release.stream_stopped,
+            detail=detail,
+        )
+
+
+class Health(_Model):
+    status: Literal["ok"] = "ok"
+    streams: int = Field(description="Running streams.")
+
+
+class ErrorBody(_Model):
+    """Every error answer: what went wrong and what to do, in one sentence."""
+
+    detail: str

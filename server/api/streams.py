@@ -1,0 +1,56 @@
+"""``/v1/streams``: start or join the stream of an image, and watch the streams."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+
+from .deps import CatalogDep, PreparerDep, RegistryDep
+from .schemas import ErrorBody, Stream, StreamRequest, StreamStarted
+
+router = APIRouter(prefix="/v1/streams", tags=["streams"])
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=StreamStarted,
+    summary="Start the stream of an image, or join it if it runs, and get a lease",
+    responses={
+        404: {"model": ErrorBody, "description": "No image of that name."},
+        409: {"model": ErrorBody, "description": "The image changed while it was prepared; try again."},
+        422: {
+            "model": ErrorBody,
+            "description": "The image is not offered in that format (the message lists those it is).",
+        },
+        503: {"model": ErrorBody, "description": "Every group of the range carries a stream."},
+    },
+)
+def start_stream(
+    body: StreamRequest, catalog: CatalogDep, preparer: PreparerDep, registry: RegistryDep
+) -> StreamStarted:
+    """The first start of an image in a format may take a while: a qcow2 image is converted to raw once, and
+    an image is read once to compute its manifest. Both are cached, so later starts answer at once.
+
+    Starting an image and format that already stream joins that stream: same group, port and cookie, one
+    more reference, a new lease. Release the lease with `DELETE /v1/leases/{lease_id}`.
+    """
+    # A plain `def`: conversion and hashing block, so FastAPI runs this in a worker thread.
+    image = catalog.get(body.image)
+    prepared = preparer.prepare(image, body.format)
+    stream, lease = registry.acquire(prepared)
+    return StreamStarted.of(stream, lease)
+
+
+@router.get("", response_model=list[Stream], summary="List the running streams")
+def list_streams(registry: RegistryDep) -> list[Stream]:
+    return [Stream.of(stream) for stream in registry.list()]
+
+
+@router.get(
+    "/{stream_id}",
+    response_model=Stream,
+    summary="One stream, running or recently stopped",
+    responses={404: {"model": ErrorBody, "description": "No stream with that id."}},
+)
+def get_stream(stream_id: str, registry: RegistryDep) -> Stream:
+    return Stream.of(registry.get(stream_id))
