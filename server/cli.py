@@ -50,6 +50,10 @@ except ModuleNotFoundError as error:
 else:
     app.command("receive")(receive)
 
+from vmcast.receiver.registration.cli import register  # noqa: E402 - after the app it joins
+
+app.command("register")(register)
+
 
 def _err() -> Console:
     # Made when used (not at import), so the width follows the terminal and COLUMNS of the moment. Messages are
@@ -74,6 +78,10 @@ _OPTION_OF = {
     "ttl": "--ttl",
     "cache_dir": "--cache-dir",
     "qemu_img": "--qemu-img",
+    "repair_port": "--repair-port",
+    "repair_rate": "--repair-rate",
+    "lease_ttl": "--lease-ttl",
+    "state_db": "--state-db",
 }
 
 
@@ -130,13 +138,41 @@ def serve(
         ),
     ] = None,
     qemu_img: Annotated[str, typer.Option(help="The qemu-img executable.")] = "qemu-img",
+    repair_port: Annotated[
+        int | None,
+        typer.Option(
+            help="UDP port, on --host, where receivers send repair requests for lost frames (UDP and TCP ports are separate, so the same number as --port is free).  \\[default: the number of --port]",
+            show_default=False,
+        ),
+    ] = None,
+    repair_rate: Annotated[
+        str,
+        typer.Option(
+            help="Cap shared by all HTTP range downloads (GET /v1/streams/ID/data, the unicast fallback), in bits per second like --rate; 0 for unlimited. Keeps repairs from starving multicast."
+        ),
+    ] = "200mbit",
+    lease_ttl: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a lease lives unless renewed (POST /v1/leases/ID/renew); a stream whose leases all expire stops."
+        ),
+    ] = 30.0,
+    state_db: Annotated[
+        Path | None,
+        typer.Option(
+            help="SQLite database of running streams and leases: after a restart, even after kill -9, streams resume on the same group, port and cookie.  \\[default: CACHE-DIR/state.sqlite3]",
+            show_default=False,
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Log level: debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve the images of a directory over HTTP and stream them over multicast on request.
 
-    Each stream loops over its image at --rate until the last lease on it is released. A qcow2 image is
-    offered as qcow2 and as raw; its raw form is made once with qemu-img and cached in --cache-dir.
-    API documentation: http://HOST:PORT/docs.
+    Each stream loops over its image at --rate until the last lease on it is released or expires (--lease-ttl).
+    A qcow2 image is offered as qcow2 and as raw; its raw form is made once with qemu-img and cached in
+    --cache-dir. Receivers ask for lost frames by UDP on --repair-port (resent over multicast) or fetch them by
+    HTTP Range (capped by --repair-rate). Streams and leases are kept in --state-db and survive a restart.
+    API documentation: http://HOST:PORT/docs; Prometheus metrics: http://HOST:PORT/metrics.
 
     [bold]Example[/] (one machine; add --interface 192.0.2.10 to reach a LAN):
 
@@ -146,6 +182,7 @@ def serve(
     options = {
         "images_dir": images, "host": host, "port": port, "interface": interface, "group_range": group_range,
         "mcast_port": mcast_port, "rate": rate, "payload": payload, "ttl": ttl, "qemu_img": qemu_img,
+        "repair_port": repair_port, "repair_rate": repair_rate, "lease_ttl": lease_ttl, "state_db": state_db,
     }  # fmt: skip
     if cache_dir is not None:
         options["cache_dir"] = cache_dir
@@ -162,20 +199,35 @@ def serve(
 
     import uvicorn  # here: `vmcast stream` and `--help` need not load it
 
-    from .app import create_app, start_services
+    from .app import check_settings, create_app, start_services
+    from .repair_listener import bind_repair_socket
 
+    # Fail here, with the message alone, rather than in uvicorn's startup: first what holds nothing, then the
+    # ports, then what is held exclusively (the state database).
     try:
-        start_services(settings)  # fail here, with the message alone, rather than in uvicorn's startup
+        check_settings(settings)
     except ServerError as error:
         _fail(str(error), status=2)
     listener = _listen(settings.host, settings.port)
     bound_port = listener.getsockname()[1]
+    repair_socket = None
+    try:
+        repair_socket = bind_repair_socket(settings.host, settings.resolved_repair_port(bound_port))
+        services = start_services(settings, repair_socket=repair_socket)
+    except ServerError as error:
+        listener.close()
+        if repair_socket is not None:
+            repair_socket.close()
+        _fail(str(error), status=2)
     url = f"http://{settings.host}:{bound_port}"
     _err().print(
         f"vmcast serving {escape(str(settings.images_dir))} at {url} (API docs: {url}/docs); streams to "
-        f"{settings.group_range} port {settings.mcast_port} by {escape(settings.interface)} at {format_rate(settings.rate)}"
+        f"{settings.group_range} port {settings.mcast_port} by {escape(settings.interface)} at {format_rate(settings.rate)}; "
+        f"repair requests on UDP port {services.repair_listener.port}"
     )
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level=log_level.lower(), access_log=False))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings, services=services), log_level=log_level.lower(), access_log=False)
+    )
     server.run(sockets=[listener])
 
 
