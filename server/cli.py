@@ -222,8 +222,8 @@ def serve(
     url = f"http://{settings.host}:{bound_port}"
     _err().print(
         f"vmcast serving {escape(str(settings.images_dir))} at {url} (API docs: {url}/docs); streams to "
-        f"{settings.group_range} port {settings.mcast_port} by {escape(settings.interface)} at {format_rate(settings.rate)}; "
-        f"repair requests on UDP port {services.repair_listener.port}"
+        f"{settings.group_range} port {settings.mcast_port} by {escape(settings.interface)} at "
+        f"{format_rate(settings.rate)}; repair requests on UDP port {services.repair_listener.port}"
     )
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings, services=services), log_level=log_level.lower(), access_log=False)

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from .api.schemas import Image, LeaseReleased, Stream, StreamRequest, StreamStarted
+from .api.schemas import Image, LeaseInfo, LeaseReleased, Stream, StreamRequest, StreamStarted
 from .errors import ServerRefused, ServerUnreachable
 
 DEFAULT_SERVER = "http://127.0.0.1:8470"
@@ -56,6 +56,10 @@ class ServerClient:
 
     def release(self, lease_id: str) -> LeaseReleased:
         return self._call("DELETE", f"/v1/leases/{lease_id}", LeaseReleased)
+
+    def renew(self, lease_id: str) -> LeaseInfo:
+        """Keep a lease alive for another `lease_ttl`; `ServerRefused` with status 404 once it has ended."""
+        return self._call("POST", f"/v1/leases/{lease_id}/renew", LeaseInfo)
 
     def streams(self) -> list[Stream]:
         return self._call("GET", "/v1/streams", list[Stream])

@@ -113,6 +113,51 @@ class GroupsExhausted(ServerError):
         self.streams = streams
 
 
+class StreamNotRunning(ServerError):
+    """The stream exists but has stopped: its bytes are no longer served."""
+
+    def __init__(self, *, stream_id: str) -> None:
+        super().__init__(f"stream {stream_id!r} has stopped; start it again (POST /v1/streams) to get its data")
+        self.stream_id = stream_id
+
+
+# -- leases --------------------------------------------------------------------------------------------------
+
+
+class LeaseNotFound(ServerError):
+    """No active lease with that id: never granted, released, or expired long enough ago to be forgotten."""
+
+    def __init__(self, *, lease_id: str) -> None:
+        super().__init__(
+            f"no active lease with id {lease_id!r} (released, expired or never granted); start the stream again"
+        )
+        self.lease_id = lease_id
+
+
+class LeaseExpired(LeaseNotFound):
+    """The lease was not renewed within the lease TTL and has ended; its holder must start the stream again."""
+
+    def __init__(self, *, lease_id: str, ttl: float) -> None:
+        ServerError.__init__(
+            self,
+            f"lease expired; start the stream again (lease {lease_id!r} was not renewed within {ttl:g} s)",
+        )
+        self.lease_id = lease_id
+        self.ttl = ttl
+
+
+# -- state -----------------------------------------------------------------------------------------------------
+
+
+class StateUnwritable(ServerError):
+    """The state database refused a write: the change is not made, since a restart would lose it."""
+
+    def __init__(self, *, path: Path, reason: str) -> None:
+        super().__init__(f"cannot record the change in the state database {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
 # -- client --------------------------------------------------------------------------------------------------
 
 

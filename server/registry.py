@@ -1,13 +1,17 @@
-"""Streams and the leases that keep them running, with reference counting. Thread-safe.
+"""Streams and the leases that keep them running, with reference counting and expiry. Thread-safe.
 
 Rules::
 
     acquire(image, format)  no running stream of that image content and format -> a new stream, 1 reference
                             one running                                          -> the same stream, +1 reference
-                            every time                                           -> a new lease
+                            every time                                           -> a new lease, alive for the TTL
+    renew(lease)            active lease      -> alive for another TTL from now
+                            expired lease     -> LeaseExpired (the holder starts the stream again)
+                            any other         -> LeaseNotFound
     release(lease)          active lease      -> the lease ends, -1 reference; at 0 the sender stops
-                            released lease    -> nothing (said so); a lease never decrements twice
+                            released/expired  -> nothing (said so); a lease never decrements twice
                             unknown lease     -> nothing (said so)
+    reap()                  every lease not renewed within the TTL ends as if released
 
 * A stream is identified by (image name, format, SHA-1): if the image file is replaced while a stream of it
   runs, the next start gets a new stream of the new content and the old one runs on for its leases.
@@ -16,6 +20,13 @@ Rules::
   Every stream has a fresh random 8-byte cookie besides.
 * A stopped stream stays visible (state ``stopped``, final counters) among the last `STOPPED_STREAMS_KEPT`;
   `list` shows running streams only.
+* With a `StateStore`, every change is written through before it is answered, and `resume` starts the
+  recorded streams again after a restart, on the same group, port and cookie, sending the same image (same
+  name, format, SHA-1 and frame size, or the stream is dropped with a log line); their leases get a fresh
+  TTL from the restart, so receivers that keep renewing never notice. A graceful stop (`close`) keeps the
+  records: stopping the server is a restart that has not happened yet.
+* Lease deadlines use the monotonic clock (a wall-clock step neither expires nor prolongs leases); the
+  ``expires_at`` shown to clients is the wall-clock equivalent at the time of the grant or renewal.
 """
 
 from __future__ import annotations
@@ -28,17 +39,28 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import GroupsExhausted, StreamNotFound
+from .errors import (
+    GroupsExhausted,
+    ImageChanged,
+    LeaseExpired,
+    LeaseNotFound,
+    ServerError,
+    StateUnwritable,
+    StreamNotFound,
+)
 from .preparation import PreparedImage
 from .sender import Sender, SenderConfig, SenderStats
+from .state import StateStore, StoredLease, StoredStream
 
 log = logging.getLogger(__name__)
 
-# Released lease ids are remembered so that releasing one again says "already released"; this many are
-# kept (about 100 bytes each), the oldest forgotten first, after which a release says "unknown lease".
-RELEASED_LEASES_KEPT = 10_000
+# Ended (released or expired) lease ids are remembered so that releasing one again says "already released"
+# and renewing an expired one says "expired"; this many are kept (about 150 bytes each), the oldest forgotten
+# first, after which the lease is "unknown".
+ENDED_LEASES_KEPT = 10_000
 STOPPED_STREAMS_KEPT = 100
 # How long `release` waits for a stopping sender to end before answering anyway (it keeps stopping).
 STOP_WAIT = 1.0
@@ -52,6 +74,10 @@ class Lease:
     stream_id: str
     created_at: float
     """Wall-clock time (seconds since the epoch) it was granted."""
+    expires_at: float
+    """Wall-clock time (seconds since the epoch) it ends unless renewed before."""
+    ttl: float
+    """Seconds each grant or renewal keeps it alive."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,12 +97,15 @@ class StreamStatus:
     references: int
     rate_bps: int
     created_at: float
+    repair_port: int
+    """UDP port of the server's repair listener (on the API's host)."""
     sender: SenderStats
 
 
 class ReleaseOutcome(enum.Enum):
     RELEASED = "released"
     ALREADY_RELEASED = "already_released"
+    EXPIRED = "expired"
     UNKNOWN = "unknown"
 
 
@@ -115,30 +144,64 @@ class _Stream:
         self.references = 0
         self.created_at = time.time()
 
+    def stored(self) -> StoredStream:
+        return StoredStream(
+            stream_id=self.stream_id, image=self.image.name, format=self.image.format, sha1=self.image.manifest.sha1,
+            frame_size=self.image.manifest.layout.frame_size, group=self.group, port=self.port, cookie=self.cookie,
+            created_at=self.created_at,
+        )  # fmt: skip
+
 
 class Registry:
-    """Starts, shares and stops streams.
+    """Starts, shares, expires, persists and stops streams.
 
     Error handling: `GroupsExhausted` when every group of the range carries a stream; `StreamNotFound`;
-    errors from opening an image (`ImageChanged`, `OSError`) pass through `acquire` and nothing is registered.
+    `LeaseExpired` and `LeaseNotFound` from `renew`; `StateUnwritable` from `acquire` when the state database
+    refuses the write (nothing is started then: a stream the next restart would not know must not run).
+    Errors from opening an image (`ImageChanged`, `OSError`) pass through `acquire` and nothing is registered.
+    Releases and expiries go ahead when the database refuses them (the lease ends; the record is logged and
+    left behind, and after a restart that lease, never renewed, expires again).
 
-    Resource handling: `close()` stops every sender; call it when the server stops.
+    Resource handling: `close()` stops every sender; call it when the server stops. The store is the
+    caller's (it outlives `close`, which keeps the records for the next start).
     """
 
-    def __init__(self, *, group_range: ipaddress.IPv4Network, port: int, sender_config: SenderConfig) -> None:
+    def __init__(
+        self,
+        *,
+        group_range: ipaddress.IPv4Network,
+        port: int,
+        sender_config: SenderConfig,
+        lease_ttl: float = 30.0,
+        store: StateStore | None = None,
+        repair_port: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.group_range = group_range
         self.port = port
         self.sender_config = sender_config
+        self.lease_ttl = lease_ttl
+        self.repair_port = repair_port
+        self._store = store
+        self._clock = clock
         self._lock = threading.Lock()
         self._running: dict[str, _Stream] = {}
         self._by_key: dict[tuple[str, str, str], _Stream] = {}
+        # Read by the repair listener without the lock: replaced whole (copy on write), never mutated, so a
+        # reader sees either the old dict or the new one.
+        self._by_cookie: dict[bytes, Sender] = {}
         self._stopped: collections.OrderedDict[str, _Stream] = collections.OrderedDict()
         self._leases: dict[str, Lease] = {}
-        self._released: collections.OrderedDict[str, str] = collections.OrderedDict()  # lease id -> stream id
+        self._deadlines: dict[str, float] = {}  # lease id -> monotonic deadline
+        self._ended: collections.OrderedDict[str, tuple[str, ReleaseOutcome]] = collections.OrderedDict()
         self._groups_in_use: set[ipaddress.IPv4Address] = set()
         self._first_group, self._group_count = _usable_groups(group_range)
         self._next_group = 0
         self._closed = False
+        self.leases_granted = 0
+        self.leases_expired = 0
+
+    # -- leases ------------------------------------------------------------------------------------------------
 
     def acquire(self, image: PreparedImage) -> tuple[StreamStatus, Lease]:
         """A lease on the stream of `image` (started now if not running)."""
@@ -147,49 +210,90 @@ class Registry:
             if self._closed:
                 raise RuntimeError("the registry is closed")
             stream = self._by_key.get(key)
+            new_stream = None
             if stream is None:
-                stream = self._start(key, image)
+                stream, next_group = self._new_stream(key, image)
+                new_stream = stream
+            lease = self._grant(stream.stream_id, created_at=time.time())
+            if self._store is not None:
+                try:
+                    self._store.add_lease(
+                        _stored_lease(lease),
+                        new_stream=new_stream.stored() if new_stream is not None else None,
+                        next_group=next_group if new_stream is not None else None,
+                    )
+                except StateUnwritable:
+                    if new_stream is not None:
+                        new_stream.sender.stop(0)  # never started: closes its file and sockets
+                    raise
+            if new_stream is not None:
+                self._next_group = next_group
+                self._register(new_stream)
+                new_stream.sender.start()
+                log.info(
+                    "stream %s: %s as %s to %s:%d, cookie %s", stream.stream_id, image.name, image.format,
+                    stream.group, stream.port, stream.cookie.hex(),
+                )  # fmt: skip
+            self._activate(lease)
             stream.references += 1
-            lease = Lease(lease_id=str(uuid.uuid4()), stream_id=stream.stream_id, created_at=time.time())
-            self._leases[lease.lease_id] = lease
             log.info(
                 "lease %s on stream %s (%s as %s): %d references",
-                lease.lease_id,
-                stream.stream_id,
-                image.name,
-                image.format,
-                stream.references,
-            )
+                lease.lease_id, stream.stream_id, image.name, image.format, stream.references,
+            )  # fmt: skip
             return self._status(stream), lease
+
+    def renew(self, lease_id: str) -> Lease:
+        """Keep an active lease alive for another TTL from now.
+
+        Error handling: `LeaseExpired` if it expired (and is still remembered), else `LeaseNotFound`.
+        """
+        with self._lock:
+            lease = self._leases.get(lease_id)
+            if lease is None:
+                ended = self._ended.get(lease_id)
+                if ended is not None and ended[1] is ReleaseOutcome.EXPIRED:
+                    raise LeaseExpired(lease_id=lease_id, ttl=self.lease_ttl)
+                raise LeaseNotFound(lease_id=lease_id)
+            now = time.time()
+            lease = Lease(
+                lease_id=lease_id, stream_id=lease.stream_id, created_at=lease.created_at,
+                expires_at=now + self.lease_ttl, ttl=self.lease_ttl,
+            )  # fmt: skip
+            self._leases[lease_id] = lease
+            self._deadlines[lease_id] = self._clock() + self.lease_ttl
+            if self._store is not None:
+                try:
+                    self._store.renew(lease_id, at=now)
+                except StateUnwritable as error:
+                    # Informational only: a restart gives every lease a fresh TTL anyway.
+                    log.warning("lease %s renewed, but not recorded: %s", lease_id, error)
+            return lease
 
     def release(self, lease_id: str) -> Release:
         """End a lease; stops the stream's sender (waiting up to `STOP_WAIT`) when it was the last one."""
         with self._lock:
-            lease = self._leases.pop(lease_id, None)
+            lease = self._leases.get(lease_id)
             if lease is None:
-                stream_id = self._released.get(lease_id)
-                if stream_id is None:
+                ended = self._ended.get(lease_id)
+                if ended is None:
                     return Release(
-                        lease_id=lease_id,
-                        outcome=ReleaseOutcome.UNKNOWN,
-                        stream_id=None,
-                        references=None,
+                        lease_id=lease_id, outcome=ReleaseOutcome.UNKNOWN, stream_id=None, references=None,
                         stream_stopped=False,
-                    )
+                    )  # fmt: skip
+                stream_id, outcome = ended
                 stream = self._running.get(stream_id) or self._stopped.get(stream_id)
                 references = stream.references if stream is not None else 0
                 return Release(
                     lease_id=lease_id,
-                    outcome=ReleaseOutcome.ALREADY_RELEASED,
+                    outcome=ReleaseOutcome.ALREADY_RELEASED if outcome is ReleaseOutcome.RELEASED else outcome,
                     stream_id=stream_id,
                     references=references,
                     stream_stopped=references == 0,
                 )
-            self._remember_released(lease)
-            stream = self._running[lease.stream_id]
-            stream.references -= 1
+            stream, to_stop = self._end_leases([lease], ReleaseOutcome.RELEASED)[0], None
             references = stream.references
-            to_stop = self._retire(stream) if references == 0 else None
+            if references == 0:
+                to_stop = stream.sender
         log.info("lease %s released: stream %s has %d references", lease_id, lease.stream_id, references)
         if to_stop is not None and not to_stop.stop(STOP_WAIT):
             log.warning("stream %s: sender still stopping after %g s", lease.stream_id, STOP_WAIT)
@@ -201,6 +305,36 @@ class Registry:
             stream_stopped=references == 0,
         )
 
+    def reap(self) -> list[str]:
+        """End every lease whose deadline has passed, as a release would; the ids of those ended.
+
+        Streams left without a lease stop (this waits up to `STOP_WAIT` for their senders).
+        """
+        now = self._clock()
+        with self._lock:
+            expired = [self._leases[lease_id] for lease_id, deadline in self._deadlines.items() if deadline <= now]
+            if not expired:
+                return []
+            streams = self._end_leases(expired, ReleaseOutcome.EXPIRED)
+            self.leases_expired += len(expired)
+            for lease, stream in zip(expired, streams, strict=True):
+                log.info(
+                    "lease %s on stream %s expired (not renewed within %g s): %d references",
+                    lease.lease_id, stream.stream_id, self.lease_ttl, stream.references,
+                )  # fmt: skip
+            to_stop = {id(stream): stream for stream in streams if stream.references == 0}.values()
+        for stream in to_stop:
+            log.info("stream %s stopped: its last lease expired", stream.stream_id)
+            if not stream.sender.stop(STOP_WAIT):
+                log.warning("stream %s: sender still stopping after %g s", stream.stream_id, STOP_WAIT)
+        return [lease.lease_id for lease in expired]
+
+    def lease(self, lease_id: str) -> Lease | None:
+        with self._lock:
+            return self._leases.get(lease_id)
+
+    # -- streams -----------------------------------------------------------------------------------------------
+
     def get(self, stream_id: str) -> StreamStatus:
         with self._lock:
             stream = self._running.get(stream_id) or self._stopped.get(stream_id)
@@ -208,21 +342,79 @@ class Registry:
                 raise StreamNotFound(stream_id=stream_id)
             return self._status(stream)
 
+    def image_of(self, stream_id: str) -> tuple[PreparedImage, bool]:
+        """The image a stream sends, and whether the stream is running."""
+        with self._lock:
+            stream = self._running.get(stream_id)
+            if stream is not None:
+                return stream.image, True
+            stream = self._stopped.get(stream_id)
+            if stream is None:
+                raise StreamNotFound(stream_id=stream_id)
+            return stream.image, False
+
     def list(self) -> list[StreamStatus]:
         """The running streams, oldest first."""
         with self._lock:
             return [self._status(stream) for stream in self._running.values()]
 
-    def lease(self, lease_id: str) -> Lease | None:
+    def sender_for_cookie(self, cookie: bytes) -> Sender | None:
+        """The running stream's sender with this cookie. Lock-free: the repair listener calls it per datagram."""
+        return self._by_cookie.get(cookie)
+
+    @property
+    def active_leases(self) -> int:
+        return len(self._leases)
+
+    def resume(self, prepare: Callable[[StoredStream], PreparedImage]) -> int:
+        """Start again the streams the store recorded, each exactly as it was; the number resumed.
+
+        `prepare` makes the image of a recorded stream ready (it may convert or hash, so this blocks). A
+        stream is dropped, with a log line, when its image is gone or unreadable, when its content (SHA-1)
+        or frame size changed, or when its sender cannot start; the others run on with fresh lease TTLs.
+        """
+        if self._store is None:
+            return 0
+        recorded = self._store.load()
         with self._lock:
-            return self._leases.get(lease_id)
+            self._next_group = recorded.next_group % self._group_count
+        resumed = 0
+        for stored, leases in recorded.streams:
+            problem = None
+            try:
+                image = prepare(stored)
+            except (ServerError, OSError) as error:
+                problem = str(error)
+            else:
+                if image.manifest.sha1 != stored.sha1:
+                    problem = f"its image changed (SHA-1 {stored.sha1} is now {image.manifest.sha1})"
+                elif image.manifest.layout.frame_size != stored.frame_size:
+                    now = image.manifest.layout.frame_size
+                    problem = f"the frame size changed ({stored.frame_size} bytes, now --payload {now})"
+            if problem is None:
+                problem = self._resume_one(stored, leases, image)
+            if problem is not None:
+                log.warning(
+                    "stream %s (%s as %s on %s:%d) not resumed after the restart: %s; its %d lease(s) end",
+                    stored.stream_id, stored.image, stored.format, stored.group, stored.port, problem, len(leases),
+                )  # fmt: skip
+                try:
+                    self._store.remove(
+                        lease_ids=tuple(lease.lease_id for lease in leases), stream_ids=(stored.stream_id,)
+                    )
+                except StateUnwritable as error:
+                    log.error("%s", error)
+                continue
+            resumed += 1
+        return resumed
 
     def close(self) -> None:
-        """Stop every stream (leases end with them)."""
+        """Stop every stream (their records stay in the store for the next start)."""
         with self._lock:
             self._closed = True
             senders = [self._retire(stream) for stream in list(self._running.values())]
             self._leases.clear()
+            self._deadlines.clear()
         for sender in senders:
             sender.stop(0)
         for sender in senders:
@@ -230,9 +422,81 @@ class Registry:
 
     # -- under the lock ----------------------------------------------------------------------------------------
 
-    def _start(self, key: tuple[str, str, str], image: PreparedImage) -> _Stream:
-        group = self._allocate_group()
+    def _resume_one(self, stored: StoredStream, leases: tuple[StoredLease, ...], image: PreparedImage) -> str | None:
+        key = (image.name, image.format, image.manifest.sha1)
+        with self._lock:
+            if self._closed:
+                return "the server is stopping"
+            if key in self._by_key or stored.group in self._groups_in_use or stored.cookie in self._by_cookie:
+                return "another resumed stream has the same image, group or cookie"
+            try:
+                sender = Sender(
+                    path=image.path, manifest=image.manifest, cookie=stored.cookie, group=stored.group,
+                    port=stored.port, config=self.sender_config, expected=image.identity,
+                )  # fmt: skip
+            except (ImageChanged, OSError, ServerError) as error:
+                return f"its sender cannot start: {error}"
+            stream = _Stream(
+                stream_id=stored.stream_id, key=key, image=image, group=stored.group, port=stored.port,
+                cookie=stored.cookie, sender=sender,
+            )  # fmt: skip
+            stream.created_at = stored.created_at
+            self._register(stream)
+            for stored_lease in leases:
+                lease = self._grant(stored.stream_id, created_at=stored_lease.created_at, lease_id=stored_lease.lease_id)
+                self._activate(lease)
+                stream.references += 1
+            sender.start()
+        log.info(
+            "stream %s resumed after the restart: %s as %s to %s:%d, cookie %s, %d lease(s) with a fresh %g s TTL",
+            stored.stream_id, image.name, image.format, stored.group, stored.port, stored.cookie.hex(), len(leases),
+            self.lease_ttl,
+        )  # fmt: skip
+        return None
+
+    def _grant(self, stream_id: str, *, created_at: float, lease_id: str | None = None) -> Lease:
+        return Lease(
+            lease_id=lease_id or str(uuid.uuid4()), stream_id=stream_id, created_at=created_at,
+            expires_at=time.time() + self.lease_ttl, ttl=self.lease_ttl,
+        )  # fmt: skip
+
+    def _activate(self, lease: Lease) -> None:
+        self._leases[lease.lease_id] = lease
+        self._deadlines[lease.lease_id] = self._clock() + self.lease_ttl
+        self.leases_granted += 1
+
+    def _end_leases(self, leases: list[Lease], outcome: ReleaseOutcome) -> list[_Stream]:
+        """End active leases (released or expired): one reference each; streams at zero are retired.
+
+        Returns each lease's stream. The store forgets the leases and the retired streams in one transaction.
+        """
+        streams, retired = [], []
+        for lease in leases:
+            del self._leases[lease.lease_id]
+            del self._deadlines[lease.lease_id]
+            self._ended[lease.lease_id] = (lease.stream_id, outcome)
+            while len(self._ended) > ENDED_LEASES_KEPT:
+                self._ended.popitem(last=False)
+            stream = self._running[lease.stream_id]
+            stream.references -= 1
+            if stream.references == 0:
+                self._retire(stream)
+                retired.append(stream.stream_id)
+            streams.append(stream)
+        if self._store is not None:
+            try:
+                self._store.remove(lease_ids=tuple(lease.lease_id for lease in leases), stream_ids=tuple(retired))
+            except StateUnwritable as error:
+                log.error("%s; the lease(s) end anyway", error)
+        return streams
+
+    def _new_stream(self, key: tuple[str, str, str], image: PreparedImage) -> tuple[_Stream, int]:
+        """A stream with its own group and a fresh cookie, its sender open but not started; and the group
+        cursor to keep once it is registered."""
+        group, next_group = self._allocate_group()
         cookie = secrets.token_bytes(8)
+        while cookie in self._by_cookie:  # 2**-64 per running stream: never, but the lookup must stay unique
+            cookie = secrets.token_bytes(8)
         sender = Sender(
             path=image.path,
             manifest=image.manifest,
@@ -245,24 +509,18 @@ class Registry:
         stream = _Stream(
             stream_id=str(uuid.uuid4()), key=key, image=image, group=group, port=self.port, cookie=cookie, sender=sender
         )
-        sender.start()
-        self._groups_in_use.add(group)
+        return stream, next_group
+
+    def _register(self, stream: _Stream) -> None:
+        self._groups_in_use.add(stream.group)
         self._running[stream.stream_id] = stream
-        self._by_key[key] = stream
-        log.info(
-            "stream %s: %s as %s to %s:%d, cookie %s",
-            stream.stream_id,
-            image.name,
-            image.format,
-            group,
-            self.port,
-            cookie.hex(),
-        )
-        return stream
+        self._by_key[stream.key] = stream
+        self._by_cookie = {**self._by_cookie, stream.cookie: stream.sender}
 
     def _retire(self, stream: _Stream) -> Sender:
         del self._running[stream.stream_id]
         del self._by_key[stream.key]
+        self._by_cookie = {cookie: sender for cookie, sender in self._by_cookie.items() if cookie != stream.cookie}
         self._groups_in_use.discard(stream.group)
         self._stopped[stream.stream_id] = stream
         while len(self._stopped) > STOPPED_STREAMS_KEPT:
@@ -270,19 +528,13 @@ class Registry:
         stream.sender.stop(0)  # only flags it: the caller waits outside the lock
         return stream.sender
 
-    def _allocate_group(self) -> ipaddress.IPv4Address:
+    def _allocate_group(self) -> tuple[ipaddress.IPv4Address, int]:
         for step in range(self._group_count):
             index = (self._next_group + step) % self._group_count
             group = ipaddress.IPv4Address(self._first_group + index)
             if group not in self._groups_in_use:
-                self._next_group = (index + 1) % self._group_count
-                return group
+                return group, (index + 1) % self._group_count
         raise GroupsExhausted(group_range=str(self.group_range), streams=len(self._running))
-
-    def _remember_released(self, lease: Lease) -> None:
-        self._released[lease.lease_id] = lease.stream_id
-        while len(self._released) > RELEASED_LEASES_KEPT:
-            self._released.popitem(last=False)
 
     def _status(self, stream: _Stream) -> StreamStatus:
         manifest = stream.image.manifest
@@ -300,8 +552,15 @@ class Registry:
             references=stream.references,
             rate_bps=self.sender_config.rate_bps,
             created_at=stream.created_at,
+            repair_port=self.repair_port,
             sender=stream.sender.stats(),
         )
+
+
+def _stored_lease(lease: Lease) -> StoredLease:
+    return StoredLease(
+        lease_id=lease.lease_id, stream_id=lease.stream_id, created_at=lease.created_at, renewed_at=lease.created_at
+    )
 
 
 def _usable_groups(network: ipaddress.IPv4Network) -> tuple[int, int]:

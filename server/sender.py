@@ -10,7 +10,13 @@ millisecond and sends the same datagram again. Any other send error (interface d
 logged (not more than every `ERROR_LOG_INTERVAL`) and retried every `RETRY_AFTER_ERROR`, so a sender rides out
 a network outage. Only a bug ends the thread early; the stream then shows state ``failed`` and the error.
 
-Resource handling: the file, its map and the socket are opened by the constructor (so a vanished file is an
+Repairs (docs/PROTOCOL.md section 7): the repair listener hands decoded requests over through `submit_repair`,
+a bounded `collections.deque` the thread drains before each send (an empty deque costs one truth test per
+datagram). The `Carousel` merges them and interleaves repair frames one for one with carousel frames; repair
+frames leave from a second socket, so their UDP source port differs from the carousel's and metadata's, and
+both sockets are paced by the one token bucket: repairs never raise the stream above its rate.
+
+Resource handling: the file, its map and the sockets are opened by the constructor (so a vanished file is an
 error to the request that starts the stream, not a dead thread) and closed by the thread when it ends.
 `stop()` returns within about `STOP_CHECK_INTERVAL`: every wait is cut in slices that long.
 """
@@ -31,7 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmcast.protocol import HEADER_SIZE, Carousel, Idle, Manifest, SendData
+from vmcast.protocol import HEADER_SIZE, Carousel, Idle, Manifest, RepairRequest, SendData
 
 from .errors import ConfigurationError, ImageChanged
 from .files import FileIdentity
@@ -55,6 +61,11 @@ ERROR_LOG_INTERVAL = 10.0
 # measured_bps is the rate over the last second or so, from a sample taken every MEASURE_EVERY seconds.
 MEASURE_EVERY = 0.25
 MEASURE_WINDOW = 1.0
+
+# Repair requests waiting for the sender thread. It drains them before every datagram, so the backlog only
+# grows while the thread is stalled; past this many, requests are dropped (and counted): their receivers ask
+# again after a second (REREQUEST_AFTER), and the carousel brings every frame anyway.
+REPAIR_BACKLOG = 1024
 
 _QUEUE_FULL = frozenset({errno.ENOBUFS, errno.EAGAIN, errno.EWOULDBLOCK})
 
@@ -97,6 +108,14 @@ class SenderStats:
     """Sends retried because the interface queue was full (ENOBUFS/EAGAIN)."""
     last_error: str | None
     """The most recent send error or failure, if any."""
+    repair_requests: int
+    """Repair requests accepted for this stream and merged into its work list."""
+    repair_frames_sent: int
+    """Data frames sent from the repair socket because a receiver asked for them."""
+    repair_pending: int
+    """Frames asked for and not sent yet."""
+    repair_drops: int
+    """Repair requests for this stream that were dropped (malformed, frames outside the image, backlog full)."""
 
 
 def multicast_interface_option(interface: str) -> bytes:
@@ -179,6 +198,7 @@ class Sender:
         self._file = open(path, "rb")  # noqa: SIM115 - closed by the thread when it ends
         self._map: mmap.mmap | None = None
         self._socket: socket.socket | None = None
+        self._repair_socket: socket.socket | None = None
         try:
             stat = os.fstat(self._file.fileno())
             if stat.st_size != manifest.layout.length or (expected is not None and not expected.same_content_as(stat)):
@@ -188,6 +208,10 @@ class Sender:
             self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
             self._socket = open_multicast_socket(config)
             self._socket.connect((str(group), port))
+            # Connecting binds each socket to its own ephemeral port: repair frames come from another source
+            # port than the carousel's (docs/PROTOCOL.md section 7).
+            self._repair_socket = open_multicast_socket(config)
+            self._repair_socket.connect((str(group), port))
         except BaseException:
             self._close()
             raise
@@ -202,6 +226,9 @@ class Sender:
         self.send_errors = 0
         self.queue_full = 0
         self.last_error: str | None = None
+        self.repair_frames_sent = 0
+        self.repair_drops = 0  # written by the repair listener thread only
+        self._repair_inbox: collections.deque[RepairRequest] = collections.deque()
         self._samples: collections.deque[tuple[float, int]] = collections.deque(
             maxlen=int(MEASURE_WINDOW / MEASURE_EVERY) + 2
         )
@@ -227,7 +254,24 @@ class Sender:
             self._thread.join(timeout)
         return not self._thread.is_alive()
 
+    @property
+    def frame_count(self) -> int:
+        """Frames of the image: repair requests name frames below it (the listener checks)."""
+        return self._carousel.layout.frame_count
+
+    def submit_repair(self, request: RepairRequest) -> bool:
+        """Hand a decoded repair request to the sender thread (from any one thread); False if dropped.
+
+        A request to a stream that is stopping is dropped too: nobody will serve it.
+        """
+        if self.state is not SenderState.RUNNING or len(self._repair_inbox) >= REPAIR_BACKLOG:
+            self.repair_drops += 1
+            return False
+        self._repair_inbox.append(request)
+        return True
+
     def stats(self) -> SenderStats:
+        repairs = self._carousel.repairs
         return SenderStats(
             state=self.state,
             loops_completed=self.loops_completed,
@@ -237,6 +281,10 @@ class Sender:
             send_errors=self.send_errors,
             queue_full=self.queue_full,
             last_error=self.last_error,
+            repair_requests=repairs.requests_received,
+            repair_frames_sent=self.repair_frames_sent,
+            repair_pending=repairs.pending,
+            repair_drops=self.repair_drops,
         )
 
     def _measured_bps(self) -> float:
@@ -265,39 +313,51 @@ class Sender:
                     self.state = SenderState.STOPPED
 
     def _loop(self) -> None:
-        carousel, view, stop = self._carousel, self._view, self._stop
+        carousel, view, stop, inbox = self._carousel, self._view, self._stop, self._repair_inbox
+        carousel_socket, repair_socket = self._socket, self._repair_socket
         rate = self.config.rate_bps
         bucket = TokenBucket(rate_bps=rate, largest_cost=self._largest_cost, now=time.monotonic()) if rate else None
         clock = time.monotonic
         while not stop.is_set():
+            while inbox:  # the whole per-datagram cost of serving repairs when none are asked for
+                carousel.request_repair(inbox.popleft())
             action = carousel.next_send(clock())
             kind = type(action)
             if kind is SendData:
                 offset = action.offset
+                repair = action.repair
                 if not self._send(
-                    [action.header, view[offset : offset + action.length]], HEADER_SIZE + action.length, bucket
+                    [action.header, view[offset : offset + action.length]],
+                    HEADER_SIZE + action.length,
+                    bucket,
+                    repair_socket if repair else carousel_socket,
                 ):
                     return
+                if repair:
+                    self.repair_frames_sent += 1
             elif kind is Idle:
                 # An empty image: metadata once per interval, nothing in between.
                 if stop.wait(max(0.0, action.until - clock())):
                     return
             else:
                 for datagram in action.datagrams:
-                    if not self._send((datagram,), len(datagram), bucket):
+                    if not self._send((datagram,), len(datagram), bucket, carousel_socket):
                         return
             self.loops_completed = carousel.loops_completed
 
     def _send(
-        self, buffers: list[bytes | memoryview] | tuple[bytes, ...], size: int, bucket: TokenBucket | None
+        self,
+        buffers: list[bytes | memoryview] | tuple[bytes, ...],
+        size: int,
+        bucket: TokenBucket | None,
+        sock: socket.socket | None,
     ) -> bool:
-        """Send one datagram of `size` bytes, paced; False if a stop was requested meanwhile."""
+        """Send one datagram of `size` bytes by `sock`, paced; False if a stop was requested meanwhile."""
         stop, cost = self._stop, size + IP_UDP_HEADER_SIZE
         if bucket is not None:
             while (delay := bucket.take(cost, time.monotonic())) > 0.0:
                 if stop.wait(min(delay, STOP_CHECK_INTERVAL)):
                     return False
-        sock = self._socket
         assert sock is not None
         while True:
             try:
@@ -341,5 +401,6 @@ class Sender:
             except BufferError:  # a slice still referenced somewhere: the garbage collector will unmap it
                 log.debug("mmap of %s:%s still exported at close", self.group, self.port)
         self._file.close()
-        if self._socket is not None:
-            self._socket.close()
+        for sock in (self._socket, self._repair_socket):
+            if sock is not None:
+                sock.close()

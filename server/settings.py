@@ -25,6 +25,10 @@ IP_UDP_HEADER_SIZE = 28
 ETHERNET_MTU = 1500
 MAX_PAYLOAD = MAX_DATAGRAM - HEADER_SIZE
 LARGEST_UNFRAGMENTED_PAYLOAD = ETHERNET_MTU - IP_UDP_HEADER_SIZE - HEADER_SIZE
+# HTTP range downloads (the unicast fallback) share this much by default: a fifth of a 1 Gbit/s link, so that
+# receivers fetching what they missed never starve the multicast streams they missed it from.
+DEFAULT_REPAIR_RATE = 200 * 10**6
+STATE_DB_NAME = "state.sqlite3"
 
 # 224.0.0.0/24 is the local network control block (all-hosts, all-routers, OSPF, ...): never a stream's group.
 _RESERVED_GROUPS = ipaddress.IPv4Network("224.0.0.0/24")
@@ -60,6 +64,26 @@ class Settings(BaseSettings):
         default_factory=_default_cache_dir, description="Where converted images and manifests are kept."
     )
     qemu_img: str = Field("qemu-img", description="The qemu-img executable (a name looked up in PATH, or a path).")
+    repair_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description=(
+            "UDP port, on --host, where receivers send repair requests (docs/PROTOCOL.md section 7); "
+            "None: the same number as the HTTP port; 0 picks a free one."
+        ),
+    )
+    repair_rate: int = Field(
+        DEFAULT_REPAIR_RATE,
+        ge=0,
+        description="Bits/s shared by every HTTP range download (GET /v1/streams/{id}/data); 0 = unlimited.",
+    )
+    lease_ttl: float = Field(
+        30.0, gt=0, le=86400, description="Seconds a lease lives without a renewal (POST /v1/leases/{id}/renew)."
+    )
+    state_db: Path | None = Field(
+        None, description="SQLite database of streams and leases, kept across restarts; None: <cache_dir>/state.sqlite3."
+    )
 
     @field_validator("images_dir")
     @classmethod
@@ -75,6 +99,20 @@ class Settings(BaseSettings):
     @classmethod
     def _cache_dir_absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @field_validator("state_db")
+    @classmethod
+    def _state_db_absolute(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser().resolve()
+
+    @property
+    def state_db_path(self) -> Path:
+        """Where the streams and leases are kept: `state_db`, or ``<cache_dir>/state.sqlite3``."""
+        return self.state_db if self.state_db is not None else self.cache_dir / STATE_DB_NAME
+
+    def resolved_repair_port(self, http_port: int) -> int:
+        """The UDP port to bind for repair requests, given the TCP port the API actually listens on."""
+        return http_port if self.repair_port is None else self.repair_port
 
     @field_validator("group_range", mode="before")
     @classmethod
@@ -100,7 +138,7 @@ class Settings(BaseSettings):
             )
         return network
 
-    @field_validator("rate", mode="before")
+    @field_validator("rate", "repair_rate", mode="before")
     @classmethod
     def _parse_rate(cls, value: object) -> int:
         if isinstance(value, (str, int)):

@@ -18,9 +18,12 @@ log = logging.getLogger(__name__)
 STATUS_OF: tuple[tuple[type[errors.ServerError], int], ...] = (
     (errors.ImageNotFound, 404),
     (errors.StreamNotFound, 404),
+    (errors.StreamNotRunning, 404),
+    (errors.LeaseNotFound, 404),
     (errors.FormatNotOffered, 422),
     (errors.ImageChanged, 409),
     (errors.GroupsExhausted, 503),
+    (errors.StateUnwritable, 503),
     (errors.ImageUnreadable, 500),
     (errors.ConversionFailed, 500),
     (errors.ServerError, 500),

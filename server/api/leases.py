@@ -1,4 +1,9 @@
-"""``/v1/leases``: a client's claim on a stream; the stream runs while it has leases."""
+"""``/v1/leases``: a client's claim on a stream; the stream runs while it has leases.
+
+A lease lives for the server's lease TTL (``lease_ttl`` in the answer of ``POST /v1/streams``) from its
+grant or its last renewal; one that is not renewed in time ends as if released, and a stream whose last
+lease ends stops within a second.
+"""
 
 from __future__ import annotations
 
@@ -23,11 +28,29 @@ def get_lease(lease_id: str, registry: RegistryDep) -> LeaseInfo:
     return LeaseInfo.of(lease)
 
 
+@router.post(
+    "/{lease_id}/renew",
+    response_model=LeaseInfo,
+    summary="Keep a lease alive for another lease TTL",
+    responses={
+        404: {
+            "model": ErrorBody,
+            "description": "The lease expired, was released, or is unknown: start the stream again (POST /v1/streams).",
+        }
+    },
+)
+def renew_lease(lease_id: str, registry: RegistryDep) -> LeaseInfo:
+    """Renew well within `lease_ttl` (every third of it leaves room for two lost renewals). The answer gives
+    the new `expires_at`. A 404 means the lease has ended: the stream may have stopped, and the holder must
+    start it again to get a new lease (same group, port and cookie if the stream still runs)."""
+    return LeaseInfo.of(registry.renew(lease_id))
+
+
 @router.delete("/{lease_id}", response_model=LeaseReleased, summary="Release a lease (idempotent)")
 def release_lease(lease_id: str, registry: RegistryDep) -> LeaseReleased:
     """Takes one reference off the lease's stream; the last release stops the sender (within a second).
 
-    Always 200: releasing a lease again, or a lease the server does not know, changes nothing and says so
-    in `outcome`, so a client may retry a release safely.
+    Always 200: releasing a lease again, an expired lease, or a lease the server does not know, changes
+    nothing and says so in `outcome`, so a client may retry a release safely.
     """
     return LeaseReleased.of(registry.release(lease_id))

@@ -78,6 +78,13 @@ class StreamStarted(_Model):
     sha1: str = Field(pattern=_SHA1, description="SHA-1 of the image as sent.")
     frame_size: int = Field(description="Image bytes per data datagram.")
     block_size: int = Field(description="Bytes per checksum block.")
+    repair_port: int = Field(
+        description="UDP port, on the API's host, that takes repair requests (docs/PROTOCOL.md section 7)."
+    )
+    lease_ttl: float = Field(
+        description="Seconds the lease lives without renewal: renew it (POST /v1/leases/{lease_id}/renew) well within that, e.g. every third of it."
+    )
+    expires_at: float = Field(description="When the lease ends unless renewed, in seconds since the epoch.")
 
     @classmethod
     def of(cls, stream: StreamStatus, lease: Lease) -> StreamStarted:
@@ -93,6 +100,9 @@ class StreamStarted(_Model):
             sha1=stream.sha1,
             frame_size=stream.frame_size,
             block_size=stream.block_size,
+            repair_port=stream.repair_port,
+            lease_ttl=lease.ttl,
+            expires_at=lease.expires_at,
         )
 
 
@@ -118,6 +128,13 @@ class Stream(_Model):
     send_errors: int = Field(description="Sends that failed (other than a full queue) and were retried.")
     last_error: str | None = Field(description="The most recent send error, if any.")
     state: StreamState
+    repair_port: int = Field(description="UDP port, on the API's host, that takes repair requests.")
+    repair_requests: int = Field(description="Repair requests accepted for this stream.")
+    repair_frames_sent: int = Field(description="Frames resent (from the repair source port) because receivers asked.")
+    repair_pending: int = Field(description="Frames asked for and not resent yet.")
+    repair_drops: int = Field(
+        description="Repair requests for this stream that were dropped: malformed, frames outside the image, or backlog full."
+    )
 
     @classmethod
     def of(cls, stream: StreamStatus) -> Stream:
@@ -142,27 +159,43 @@ class Stream(_Model):
             send_errors=sender.send_errors,
             last_error=sender.last_error,
             state=sender.state.value,
+            repair_port=stream.repair_port,
+            repair_requests=sender.repair_requests,
+            repair_frames_sent=sender.repair_frames_sent,
+            repair_pending=sender.repair_pending,
+            repair_drops=sender.repair_drops,
         )
 
 
 class LeaseInfo(_Model):
-    """An active lease."""
+    """An active lease (also the answer of a renewal)."""
 
     lease_id: str
     stream_id: str
     created_at: float = Field(description="When it was granted, in seconds since the epoch.")
+    expires_at: float = Field(description="When it ends unless renewed, in seconds since the epoch.")
+    lease_ttl: float = Field(description="Seconds each renewal keeps it alive.")
 
     @classmethod
     def of(cls, lease: Lease) -> LeaseInfo:
-        return cls(lease_id=lease.lease_id, stream_id=lease.stream_id, created_at=lease.created_at)
+        return cls(
+            lease_id=lease.lease_id,
+            stream_id=lease.stream_id,
+            created_at=lease.created_at,
+            expires_at=lease.expires_at,
+            lease_ttl=lease.ttl,
+        )
 
 
 class LeaseReleased(_Model):
     """What `DELETE /v1/leases/{lease_id}` did. Releasing is idempotent: a lease never counts twice."""
 
     lease_id: str
-    outcome: Literal["released", "already_released", "unknown"] = Field(
-        description="released: this call ended the lease; already_released: an earlier call did; unknown: no such lease."
+    outcome: Literal["released", "already_released", "expired", "unknown"] = Field(
+        description=(
+            "released: this call ended the lease; already_released: an earlier call did; expired: it ended "
+            "because it was not renewed in time; unknown: no such lease."
+        )
     )
     stream_id: str | None = Field(description="The lease's stream, if known.")
     references: int | None = Field(description="The stream's references now, if known.")
@@ -180,6 +213,8 @@ class LeaseReleased(_Model):
                 )
             case "already_released":
                 detail = "lease was already released; nothing changed"
+            case "expired":
+                detail = "lease had expired (it was not renewed in time); nothing changed"
             case _:
                 detail = "no such lease (never granted, or released long ago); nothing changed"
         return cls(

@@ -12,10 +12,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from vmcast.server.app import create_app
+from vmcast.server.app import Services, create_app, start_services
 from vmcast.server.settings import Settings
 
-from .server_testing import Images, MulticastListener, TestClient, free_udp_port
+from .server_testing import Images, MulticastListener, ServerProcess, TestClient, free_udp_port
 
 # A raw image of a few frames more than 2 MiB: three checksum blocks, the last one short, and a short last frame.
 RAW_IMAGE_SIZE = 2 * 1024 * 1024 + 5 * 1400 + 123
@@ -50,6 +50,9 @@ def settings_for(images: Images, tmp_path: Path) -> Callable[..., Settings]:
             "cache_dir": tmp_path / "cache",
             "mcast_port": mcast_port,
             "rate": TEST_RATE,
+            # A free UDP port for repair requests: never the default (the number of --port, 8470), which a
+            # server running beside the tests may hold.
+            "repair_port": 0,
         }
         fields.update(overrides)
         return Settings(**fields)
@@ -60,6 +63,21 @@ def settings_for(images: Images, tmp_path: Path) -> Callable[..., Settings]:
 @pytest.fixture
 def settings(settings_for: Callable[..., Settings]) -> Settings:
     return settings_for()
+
+
+@pytest.fixture
+def open_services() -> Iterator[Callable[[Settings], Services]]:
+    """`start_services` for tests that use the services without the app; every one is closed after the test."""
+    opened: list[Services] = []
+
+    def open_(settings: Settings) -> Services:
+        services = start_services(settings)
+        opened.append(services)
+        return services
+
+    yield open_
+    for services in opened:
+        services.close()
 
 
 @pytest.fixture
@@ -82,3 +100,25 @@ def listen() -> Iterator[Callable[..., MulticastListener]]:
     yield make
     for listener in made:
         listener.close()
+
+
+@pytest.fixture
+def server_process(images: Images, tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Make `vmcast serve` processes over `images` (not started); every one is ended, by pid, after the test."""
+    made: list[ServerProcess] = []
+    mcast_port = free_udp_port()
+
+    def make(*options: str, cache_dir: Path | None = None, port: int | None = None) -> ServerProcess:
+        extra = () if "--mcast-port" in options else ("--mcast-port", str(mcast_port))
+        server = ServerProcess(
+            images_dir=images.directory, cache_dir=cache_dir or tmp_path / "cache", options=(*options, *extra)
+        )
+        if port is not None:
+            server.port = port
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.stop()
+        server.output()

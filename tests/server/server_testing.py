@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import select
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from vmcast.protocol import HEADER_SIZE, METADATA_OFFSET
 from vmcast.protocol.frames import HEADER
 
@@ -19,7 +24,17 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient` is deprecated")
     from fastapi.testclient import TestClient
 
-__all__ = ["Heard", "Images", "MulticastListener", "TestClient", "free_tcp_port", "free_udp_port", "sha1_of"]
+__all__ = [
+    "Heard",
+    "Images",
+    "MulticastListener",
+    "ServerProcess",
+    "TestClient",
+    "free_tcp_port",
+    "free_udp_port",
+    "samples",
+    "sha1_of",
+]
 
 
 def free_udp_port() -> int:
@@ -32,6 +47,16 @@ def free_tcp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def samples(metrics_text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The samples named `name` in a Prometheus text exposition, by their sorted labels."""
+    return {
+        tuple(sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(metrics_text)
+        for sample in family.samples
+        if sample.name == name
+    }
 
 
 def sha1_of(path: Path) -> str:
@@ -72,6 +97,8 @@ class Heard:
     size: int
     """Whole datagram size in bytes."""
     payload: bytes
+    source_port: int = 0
+    """UDP source port it came from: the carousel's (and metadata's) socket, or the repair socket."""
 
     @property
     def is_metadata(self) -> bool:
@@ -113,7 +140,7 @@ class MulticastListener:
                 continue
             while True:
                 try:
-                    size, control, _, _ = self.socket.recvmsg_into([buffer], control_size)
+                    size, control, _, source = self.socket.recvmsg_into([buffer], control_size)
                 except BlockingIOError:
                     break
                 if size < HEADER_SIZE:
@@ -127,7 +154,7 @@ class MulticastListener:
                         seconds_part, nanoseconds = _TIMESPEC.unpack_from(data)
                         at = seconds_part + nanoseconds / 1e9
                 keep = keep_payload or offset == METADATA_OFFSET
-                heard.append(Heard(at, offset, size, bytes(buffer[HEADER_SIZE:size]) if keep else b""))
+                heard.append(Heard(at, offset, size, bytes(buffer[HEADER_SIZE:size]) if keep else b"", source[1]))
         return heard
 
     def drain(self) -> None:
@@ -137,3 +164,73 @@ class MulticastListener:
                 self.socket.recv(65536)
             except BlockingIOError:
                 return
+
+
+# -- a real `vmcast serve` process ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerProcess:
+    """`vmcast serve` run as a child process with `options`, on a free TCP port (and repair port 0 unless given).
+
+    `start()` waits until /healthz answers; `kill()` is SIGKILL, `stop()` SIGTERM, both by this child's pid.
+    """
+
+    images_dir: Path
+    cache_dir: Path
+    options: tuple[str, ...] = ()
+    port: int = field(default_factory=free_tcp_port)
+    process: subprocess.Popen | None = None
+    _output: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> ServerProcess:
+        options = list(self.options)
+        if "--repair-port" not in options:
+            options += ["--repair-port", "0"]
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "vmcast.server", "serve", "--images", str(self.images_dir),
+             "--cache-dir", str(self.cache_dir), "--port", str(self.port), "--log-level", "warning", *options],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"vmcast serve did not start: {self.output()}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up at all, as in a crash."""
+        self._end(signal.SIGKILL)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not ended within 10 s."""
+        self._end(signal.SIGTERM)
+
+    def output(self) -> str:
+        """Everything it printed, once it has ended ("" while it runs)."""
+        if self.process is None or self.process.stdout is None or self.process.poll() is None:
+            return self._output
+        if not self.process.stdout.closed:
+            self._output = self.process.stdout.read()
+            self.process.stdout.close()
+        return self._output
+
+    def _end(self, how: signal.Signals) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(how)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()

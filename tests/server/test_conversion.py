@@ -84,8 +84,10 @@ def test_a_server_that_starts_again_neither_converts_nor_reads_its_images_again(
     assert {key: value["sha1"] for key, value in again.items()} == {key: value["sha1"] for key, value in first.items()}
 
 
-def test_concurrent_first_starts_of_a_qcow2_image_convert_it_once(settings: Settings, images: Images) -> None:
-    services = start_services(settings)
+def test_concurrent_first_starts_of_a_qcow2_image_convert_it_once(
+    settings: Settings, images: Images, open_services: Callable[[Settings], Services]
+) -> None:
+    services = open_services(settings)
     image = services.catalog.get(images.qcow2)
     results, errors = [], []
 
@@ -106,8 +108,12 @@ def test_concurrent_first_starts_of_a_qcow2_image_convert_it_once(settings: Sett
     assert len({(result.path, result.manifest.sha1) for result in results}) == 1
 
 
-def test_two_servers_sharing_a_cache_directory_convert_an_image_once(settings: Settings, images: Images) -> None:
-    first, second = start_services(settings), start_services(settings)
+def test_two_servers_sharing_a_cache_directory_convert_an_image_once(
+    settings_for: Callable[..., Settings], images: Images, open_services: Callable[[Settings], Services], tmp_path: Path
+) -> None:
+    # Each server keeps its own streams and leases (--state-db); only the cache is shared.
+    first = open_services(settings_for(state_db=tmp_path / "first.sqlite3"))
+    second = open_services(settings_for(state_db=tmp_path / "second.sqlite3"))
     image = first.catalog.get(images.qcow2)
     key = first.fingerprints.sha256(image.path)
     threads = [
@@ -155,11 +161,13 @@ def test_a_failed_conversion_answers_why_and_leaves_nothing_in_the_cache(
     assert list((settings.cache_dir / "raw").glob(".*.partial")) == []
 
 
-def test_leftovers_of_an_interrupted_conversion_are_removed_at_start(settings: Settings) -> None:
+def test_leftovers_of_an_interrupted_conversion_are_removed_at_start(
+    settings: Settings, open_services: Callable[[Settings], Services]
+) -> None:
     leftover = settings.cache_dir / "raw" / f".{'ab' * 32}.1234.cafe0000.partial"
     leftover.parent.mkdir(parents=True)
     leftover.write_bytes(b"half an image")
-    start_services(settings)
+    open_services(settings)
     assert not leftover.exists()
 
 
@@ -168,9 +176,11 @@ def test_a_missing_qemu_img_is_named_with_the_package_to_install(settings_for: C
         start_services(settings_for(qemu_img="/nonexistent/qemu-img"))
 
 
-def test_the_converter_reports_qemu_img_errors_as_conversion_failures(tmp_path: Path, images: Images) -> None:
+def test_the_converter_reports_qemu_img_errors_as_conversion_failures(
+    tmp_path: Path, images: Images, settings: Settings, open_services: Callable[[Settings], Services]
+) -> None:
     converter = Converter(cache_dir=tmp_path / "cache", qemu=QemuImg())
-    services = start_services(Settings(images_dir=images.directory, cache_dir=tmp_path / "cache"))
+    services = open_services(settings)
     image = services.catalog.get(images.qcow2)
     images.path(images.qcow2).write_bytes(b"QFI\xfb" + bytes(100))  # a qcow2 magic with nothing valid after it
     with pytest.raises(ConversionFailed):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from vmcast.protocol import manifest_of
-from vmcast.server.app import start_services
+from vmcast.server.app import Services
 from vmcast.server.fingerprints import Fingerprints
 from vmcast.server.manifests import ManifestStore
 from vmcast.server.settings import Settings
@@ -80,9 +81,9 @@ def test_the_content_hash_is_remembered_per_path_size_mtime_and_inode(tmp_path: 
 
 
 def test_the_first_start_of_a_raw_image_reads_it_once_for_both_its_key_and_its_manifest(
-    settings: Settings, images: Images
+    settings: Settings, images: Images, open_services: Callable[[Settings], Services]
 ) -> None:
-    services = start_services(settings)
+    services = open_services(settings)
     prepared = services.preparer.prepare(services.catalog.get(images.raw), "raw")
     assert services.fingerprints.passes == 1
     assert services.manifests.builds == 0

@@ -54,9 +54,15 @@ def test_every_command_help_gives_an_example_and_the_defaults(command: list[str]
             "[default: 1400]",
             "[default: 1]",
             "[default: ~/.cache/vmcast]",
+            "[default: the number of --port]",
+            "[default: 200mbit]",
+            "[default: 30.0]",
+            "[default: CACHE-DIR/state.sqlite3]",
         ):
             assert default in output
         assert "bits per second" in output and "hops" in output
+        for option in ("--repair-port", "--repair-rate", "--lease-ttl", "--state-db"):
+            assert option in output
     else:
         assert "[default: http://127.0.0.1:8470]" in output
 
@@ -79,6 +85,9 @@ def test_serve_names_a_missing_images_directory(tmp_path: Path) -> None:
         ("--rate", "fast", "--rate: not a rate: 'fast'"),
         ("--interface", "192.0.2.254", "--interface: cannot send multicast by 192.0.2.254"),
         ("--qemu-img", "/nonexistent/qemu-img", "apt-get install qemu-utils"),
+        ("--repair-rate", "10MB", "--repair-rate: rates are in bits per second"),
+        ("--lease-ttl", "0", "--lease-ttl: Input should be greater than 0"),
+        ("--repair-port", "70000", "--repair-port: Input should be less than or equal to 65535"),
     ],
 )
 def test_serve_refuses_bad_options_with_a_clear_message(tmp_path: Path, option: str, value: str, message: str) -> None:
@@ -107,6 +116,34 @@ def test_serve_says_when_its_port_is_taken_and_warns_about_jumbo_payloads(tmp_pa
     assert status == 2
     assert f"--port: port {port} on 127.0.0.1 is already in use" in output
     assert "warning: --payload" in output and "jumbo frames" in output
+
+
+def test_serve_says_when_its_repair_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        status, output = run(
+            "serve", "--images", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
+            "--port", str(free_tcp_port()), "--repair-port", str(port),
+        )  # fmt: skip
+    assert status == 2
+    assert f"--repair-port: UDP port {port} on 127.0.0.1 is already in use" in output
+    assert "Traceback" not in output
+
+
+def test_serve_refuses_a_state_database_another_server_uses(tmp_path: Path, images: Images) -> None:
+    from vmcast.server.state import StateStore
+
+    holder = StateStore(tmp_path / "state.sqlite3")
+    try:
+        status, output = run(
+            "serve", "--images", str(images.directory), "--cache-dir", str(tmp_path / "cache"),
+            "--port", str(free_tcp_port()), "--repair-port", "0", "--state-db", str(tmp_path / "state.sqlite3"),
+        )  # fmt: skip
+    finally:
+        holder.close()
+    assert status == 2
+    assert "--state-db" in output and "in use by another vmcast serve" in output
 
 
 # -- stream ... against a real server ----------------------------------------------------------------------------
