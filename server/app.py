@@ -132,7 +132,7 @@ def start_services(settings: Settings, *, repair_socket: socket.socket | None = 
     range_counters = RangeCounters()
     return Services(
         settings=settings,
-        catalog=Catalog(images_dir=settings.images_dir, qemu=qemu),
+        catalog=Catalog(images_dir=settings.images_dir, qemu=qemu, cache_dir=settings.cache_dir),
         fingerprints=fingerprints,
         converter=converter,
         manifests=manifests,

@@ -16,6 +16,7 @@ from pathlib import Path
 from .errors import ImageNotFound, ImageUnreadable
 from .files import FileIdentity
 from .qemu_img import ImageInfo, QemuImg
+from .sources import fetch_source, is_source_spec
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,9 @@ class Catalog:
     qemu-img cannot read it. `list` leaves unreadable files out (and logs why) rather than failing.
     """
 
-    def __init__(self, *, images_dir: Path, qemu: QemuImg) -> None:
+    def __init__(self, *, images_dir: Path, qemu: QemuImg, cache_dir: Path | None = None) -> None:
         self.images_dir = images_dir
+        self._cache_dir = cache_dir
         self._qemu = qemu
         self._infos: dict[str, tuple[FileIdentity, ImageInfo]] = {}
         self._lock = threading.Lock()
@@ -83,6 +85,8 @@ class Catalog:
         return images
 
     def get(self, name: str) -> CatalogImage:
+        if self._cache_dir is not None and is_source_spec(name):
+            return self._remote(name)
         if not name or name.startswith(".") or "/" in name or "\0" in name:
             raise ImageNotFound(name=name, images_dir=self.images_dir)
         path = self.images_dir / name
@@ -103,6 +107,23 @@ class Catalog:
             # qemu-img rounds a raw file's virtual size up to whole 512-byte sectors; what is sent is the file.
             virtual_size=stat.st_size if info.format == "raw" else info.virtual_size,
             backing_file=info.backing_file,
+        )
+
+    def _remote(self, spec: str) -> CatalogImage:
+        """An image from Glance (``glance:ID-or-name``), S3 (``s3://bucket/key``) or a URL, fetched into the cache.
+
+        Fetched once per content (the source's own checksum or ETag says whether it changed) and verified while
+        downloading; blocks for the download, so the API calls it from its thread pool. Its name is the spec
+        with any credential in it replaced by ``***``, and never the raw spec.
+        """
+        fetched = fetch_source(spec, cache_dir=self._cache_dir, qemu=self._qemu)
+        return CatalogImage(
+            name=fetched.origin,
+            path=fetched.path,
+            source_format=fetched.source_format,
+            formats=formats_offered(fetched.source_format),
+            size=fetched.size,
+            virtual_size=fetched.virtual_size,
         )
 
     def _info(self, path: Path, identity: FileIdentity) -> ImageInfo:

@@ -11,11 +11,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from .. import errors
+from ..sources import STATUS_OF as SOURCE_STATUS_OF
 
 log = logging.getLogger(__name__)
 
 # Most specific first: the first class an exception is an instance of decides.
-STATUS_OF: tuple[tuple[type[errors.ServerError], int], ...] = (
+STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
+    *SOURCE_STATUS_OF,
     (errors.ImageNotFound, 404),
     (errors.StreamNotFound, 404),
     (errors.StreamNotRunning, 404),

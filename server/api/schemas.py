@@ -52,7 +52,11 @@ class StreamRequest(_Model):
         frozen=True, extra="forbid", json_schema_extra={"examples": [{"image": "debian-12.qcow2", "format": "raw"}]}
     )
 
-    image: str = Field(min_length=1, max_length=255, description="Image name, as `GET /v1/images` lists it.")
+    image: str = Field(
+        min_length=1,
+        max_length=8192,
+        description="Image name, as `GET /v1/images` lists it; or `glance:<id or name>`, `s3://bucket/key`, or an http(s) URL.",
+    )
     format: str = Field(
         "raw",
         min_length=1,
