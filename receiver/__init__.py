@@ -1,0 +1,9 @@
+"""vmcast's receiver: ``vmcast receive`` takes one image off a multicast stream, writes it, and proves it.
+
+* `cli`: the ``receive`` command (a plain function the root typer app registers) and its exit codes.
+* `agent`: one receive orchestrated with trio (lease, target, socket, pump, progress, watchdog, signals).
+* `pump`: the per-datagram loop, in one worker thread; `hashing`: the whole-image SHA-1 in another.
+* `multicast`: the group socket; `target`: the output and its safety checks; `lease`: the server's API.
+* `progress`: progress on stderr; `errors`: the one root exception and the exit codes.
+* `verified`, `registration`: the verified-image type, and registering one into Glance or EC2.
+"""

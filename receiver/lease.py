@@ -1,0 +1,139 @@
+"""The vmcast server's stream API, as a receiver uses it: take a lease on an image's stream, keep it, release it.
+
+``POST /v1/streams {"image", "format"}`` -> 201 with the stream to join (`Lease`); 404 unknown image, 422
+unknown format, each with ``{"detail": ...}``. A lease with a ``lease_ttl`` ends unless renewed within it:
+``POST /v1/leases/{lease_id}/renew`` (404: it has ended already). ``DELETE /v1/leases/{lease_id}`` releases
+(idempotent: a lease already gone is released).
+
+Error handling: every failure, whether the server cannot be reached, answers an error status, or sends
+an answer that does not parse, raises `ServerError` with the URL and the server's own ``detail``.
+Resource handling: the caller owns the `httpx.AsyncClient`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+import httpx
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import ServerError
+from .multicast import is_multicast
+
+# The API answers at once; anything slower is a server in trouble, better reported than waited for.
+REQUEST_TIMEOUT = 10.0
+
+
+class Lease(BaseModel):
+    """A server's answer to "I want this image": the stream to join and what it will deliver."""
+
+    model_config = ConfigDict(frozen=True, coerce_numbers_to_str=True, extra="ignore")
+
+    stream_id: str
+    """The server's stream identifier."""
+    group: str
+    """IPv4 multicast group the stream is sent to."""
+    port: Annotated[int, Field(ge=1, le=65535)]
+    """UDP port."""
+    cookie: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{16}$")]
+    """The stream's 8-byte cookie, hex."""
+    lease_id: str
+    """What to release when done."""
+    length: Annotated[int, Field(ge=0, alias="len")]
+    """Image size in bytes."""
+    sha1: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{40}$")]
+    """SHA-1 of the image, hex."""
+    frame_size: Annotated[int, Field(gt=0)]
+    """Data frame payload size."""
+    block_size: Annotated[int | None, Field(gt=0)] = None
+    """Checksum block size, when the server says (it lets the receiver start before the first metadata)."""
+    lease_ttl: Annotated[float | None, Field(gt=0)] = None
+    """Seconds the lease lives without a renewal; None: it lives until released."""
+    image: str
+    """Image name."""
+    format: str
+    """Format of the bytes on the wire."""
+
+    @pydantic.field_validator("group")
+    @classmethod
+    def _multicast_group(cls, value: str) -> str:
+        if not is_multicast(value):
+            raise ValueError(f"{value!r} is not an IPv4 multicast address")
+        return value
+
+    @pydantic.model_validator(mode="after")
+    def _whole_frames_per_block(self) -> Lease:
+        if self.block_size is not None and self.block_size % self.frame_size:
+            raise ValueError(f"block_size {self.block_size} is not a multiple of frame_size {self.frame_size}")
+        return self
+
+    @property
+    def cookie_bytes(self) -> bytes:
+        return bytes.fromhex(self.cookie)
+
+    def same_stream_as(self, other: Lease) -> bool:
+        """Whether `other` (a lease taken again) leads to the very stream this one did."""
+        identity = ("group", "port", "length", "frame_size", "block_size")
+        return all(getattr(self, name) == getattr(other, name) for name in identity) and (
+            self.cookie.lower(), self.sha1.lower()) == (other.cookie.lower(), other.sha1.lower())
+
+
+class LeaseClient:
+    """Takes and releases leases on one server."""
+
+    def __init__(self, *, server: str, client: httpx.AsyncClient) -> None:
+        self.server = server.rstrip("/")
+        self._client = client
+
+    async def acquire(self, *, image: str, format: str) -> Lease:
+        url = f"{self.server}/v1/streams"
+        response = await self._request("POST", url, json={"image": image, "format": format})
+        if response.status_code == 404:
+            raise ServerError(url=url, status=404, reason=f"no image {image!r} ({_detail(response)})")
+        if response.status_code == 422:
+            raise ServerError(url=url, status=422, reason=f"refused format {format!r} for {image!r} ({_detail(response)})")
+        if response.status_code != 201:
+            raise ServerError(url=url, status=response.status_code, reason=_detail(response))
+        try:
+            return Lease.model_validate_json(response.content)
+        except pydantic.ValidationError as error:
+            raise ServerError(url=url, status=response.status_code, reason=f"the answer does not describe a stream: {_first_error(error)}") from error
+
+    async def renew(self, lease_id: str) -> bool:
+        """Keep a lease alive for another TTL; False when it has ended already (expired, or unknown)."""
+        url = f"{self.server}/v1/leases/{lease_id}/renew"
+        response = await self._request("POST", url)
+        if response.status_code == 404:
+            return False
+        if response.status_code != 200:
+            raise ServerError(url=url, status=response.status_code, reason=_detail(response))
+        return True
+
+    async def release(self, lease_id: str) -> None:
+        url = f"{self.server}/v1/leases/{lease_id}"
+        response = await self._request("DELETE", url)
+        if response.status_code not in (200, 202, 204, 404):
+            raise ServerError(url=url, status=response.status_code, reason=_detail(response))
+
+    async def _request(self, method: str, url: str, **kwargs: object) -> httpx.Response:
+        try:
+            return await self._client.request(method, url, timeout=REQUEST_TIMEOUT, **kwargs)
+        except httpx.HTTPError as error:
+            raise ServerError(url=url, reason=f"unreachable: {error or type(error).__name__}") from error
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json()["detail"]
+    except (ValueError, KeyError, TypeError):
+        text = re.sub(r"\s+", " ", response.text).strip()
+        return text[:200] or response.reason_phrase
+    return detail if isinstance(detail, str) else str(detail)[:200]
+
+
+def _first_error(error: pydantic.ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    return f"{where}: {first['msg']}"

@@ -1,0 +1,120 @@
+"""The receiving socket: bound to the group, joined on one interface, with as large a buffer as we may have.
+
+Error handling: `open_group_socket` raises `OSError` when the group cannot be bound or joined (the caller
+reports it); a receive buffer smaller than asked for is not an error, it is reported in `GroupSocket.rcvbuf`.
+
+Resource handling: the caller owns the returned socket and closes it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+# Linux socket options Python's socket module does not name.
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # like SO_RCVBUF, but root may pass net.core.rmem_max
+IP_MULTICAST_ALL = getattr(socket, "IP_MULTICAST_ALL", 49)
+
+# The receive buffer absorbs the sender while the receiver is busy elsewhere (reading a block back, a
+# page-cache flush): 64 MiB is ~0.27 s at 2 Gbit/s, longer than any such pause we measured.
+RECEIVE_BUFFER = 64 << 20
+
+# How long a blocking receive waits before the loop looks at its stop flag again: short enough that Ctrl-C
+# and --timeout feel immediate, long enough to cost nothing while data flows.
+RECEIVE_TIMEOUT = 0.2
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GroupSocket:
+    """A socket that receives one group's datagrams."""
+
+    sock: socket.socket
+    """Blocking, with `RECEIVE_TIMEOUT` as SO_RCVTIMEO (a receive then raises `BlockingIOError`)."""
+    group: str
+    """The multicast group address."""
+    port: int
+    """The UDP port."""
+    interface: str
+    """The local address of the interface the group was joined on."""
+    rcvbuf: int
+    """The receive buffer as the kernel reports it (Linux doubles the size asked, for its bookkeeping)."""
+
+
+def open_group_socket(*, group: str, port: int, interface: str, receive_buffer: int = RECEIVE_BUFFER) -> GroupSocket:
+    """Bind (group, port), join the group on `interface` and size the receive buffer."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        _grow_receive_buffer(sock, receive_buffer)
+        # Binding to the group address (not INADDR_ANY) keeps out unicast and other groups' datagrams sent
+        # to the same port; IP_MULTICAST_ALL=0 keeps out groups other sockets of this host joined.
+        sock.bind((group, port))
+        try:
+            sock.setsockopt(socket.IPPROTO_IP, IP_MULTICAST_ALL, 0)
+        except OSError:
+            pass  # not Linux: binding to the group address already filters
+        membership = struct.pack("4s4s", socket.inet_aton(group), socket.inet_aton(interface))
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, membership)
+        # A blocking socket with SO_RCVTIMEO, not settimeout(): Python implements settimeout with a poll()
+        # before every recv, one more system call per datagram.
+        seconds = int(RECEIVE_TIMEOUT)
+        microseconds = int((RECEIVE_TIMEOUT - seconds) * 1_000_000)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, microseconds))
+        rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    except BaseException:
+        sock.close()
+        raise
+    return GroupSocket(sock=sock, group=group, port=port, interface=interface, rcvbuf=rcvbuf)
+
+
+def _grow_receive_buffer(sock: socket.socket, size: int) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)  # root (CAP_NET_ADMIN) only
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)  # silently capped at net.core.rmem_max
+
+
+def route_source_address(host: str, port: int = 9) -> str | None:
+    """The local IPv4 address the kernel would send from to reach `host` (UDP connect sends nothing)."""
+    try:
+        infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)
+    except (OSError, UnicodeError):
+        return None
+    for *_, address in infos:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.connect(address)
+                return probe.getsockname()[0]
+            except OSError:
+                continue
+    return None
+
+
+def is_multicast(address: str) -> bool:
+    try:
+        return ipaddress.IPv4Address(address).is_multicast
+    except ValueError:
+        return False
+
+
+def kernel_drops(sock: socket.socket) -> int | None:
+    """Datagrams the kernel threw away because this socket's buffer was full (``/proc/net/udp``), or None.
+
+    Read from procfs rather than with SO_RXQ_OVFL, which would need recvmsg() and a control message parse on
+    every datagram; this costs nothing until asked.
+    """
+    try:
+        inode = str(os.fstat(sock.fileno()).st_ino)
+        with open("/proc/net/udp") as table:
+            next(table)
+            for line in table:
+                fields = line.split()
+                # sl local rem st tx:rx tr:when retrnsmt uid timeout inode ref pointer drops
+                if len(fields) >= 13 and fields[9] == inode:
+                    return int(fields[12])
+    except (OSError, ValueError, StopIteration):
+        return None
+    return None

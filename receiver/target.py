@@ -1,0 +1,350 @@
+"""Where the image goes: a regular file or a block device, checked for safety before a byte is written.
+
+Rules (after ironic-python-agent, which refuses disks that are in use and fails closed):
+
+* A block device must hold the whole image: its size comes from ``ioctl(BLKGETSIZE64)``, else from seeking
+  to its end; a device whose size cannot be read is refused, even with ``--force``.
+* A block device that is mounted, has a mounted partition, is active swap, or is held by another device
+  (device mapper, LVM, software RAID: ``/sys/class/block/<dev>/holders``) is refused unless ``force``. So is
+  one whose use cannot be determined (``/proc/self/mountinfo`` or ``/sys`` unreadable): "could not determine"
+  is a refusal, not a log line. Without ``force`` the device is also opened with ``O_EXCL``, which the kernel
+  refuses (``EBUSY``) while anything holds the device, a second guard against a check that missed something.
+* A read-only device is refused, even with ``force``.
+* A regular file is created (its directory must exist) and truncated to the image length, so it is sparse
+  and the right size from the start. An existing non-empty file is refused unless ``force``; a file system
+  without room for the image is refused.
+* Anything else (a directory, a character device, a FIFO) is refused.
+* `Target.pwrite` never writes past the image length: the assembly already drops frames past the end, and
+  the write boundary checks again.
+
+Resource handling: `open_target` returns an open `Target`; the caller closes it (`Target.close`, or use it as
+a context manager). A file created by `open_target` that is then refused is removed again.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import fcntl
+import os
+import stat
+import struct
+from pathlib import Path
+from typing import Self
+
+from .errors import TargetBoundsError, TargetIOError, TargetRefused
+
+# linux/fs.h: _IOR(0x12, 114, size_t), the device size in bytes as a u64.
+BLKGETSIZE64 = 0x80081272
+
+SYS_ROOT = Path("/sys")
+PROC_ROOT = Path("/proc")
+
+
+class TargetKind(enum.Enum):
+    FILE = "file"
+    BLOCK_DEVICE = "block_device"
+
+
+class Target:
+    """An open output, bounded to the image length.
+
+    Error handling: I/O failures raise `TargetIOError`; a write past `length` raises `TargetBoundsError`
+    before touching the disk.
+    """
+
+    __slots__ = ("capacity", "fd", "kind", "length", "path")
+
+    def __init__(self, *, path: str, kind: TargetKind, length: int, capacity: int, fd: int) -> None:
+        self.path = path
+        """What the user named (for messages)."""
+        self.kind = kind
+        """A regular file or a block device."""
+        self.length = length
+        """The image length: no byte is ever written at or beyond it."""
+        self.capacity = capacity
+        """The device size (or, for a file, the image length)."""
+        self.fd = fd
+        """The open descriptor, read-write."""
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        """Write all of `data` at `offset`, looping over short writes."""
+        size = len(data)
+        if offset < 0 or offset + size > self.length:
+            raise TargetBoundsError(path=self.path, offset=offset, length=size, limit=self.length)
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.pwrite(self.fd, view, offset)
+                if written == 0:
+                    raise OSError(errno.ENOSPC, "wrote 0 bytes")
+                view = view[written:]
+                offset += written
+        except OSError as error:
+            raise TargetIOError(path=self.path, operation=f"writing {size} bytes at {offset} to", error=error) from error
+
+    def pread_into(self, buffer: bytearray | memoryview, offset: int) -> None:
+        """Fill all of `buffer` with the target's bytes at `offset`, looping over short reads."""
+        view = memoryview(buffer)
+        try:
+            while view:
+                read = os.preadv(self.fd, [view], offset)
+                if read == 0:
+                    raise OSError(errno.EIO, f"end of file at {offset}")
+                view = view[read:]
+                offset += read
+        except OSError as error:
+            raise TargetIOError(path=self.path, operation=f"reading back at {offset} from", error=error) from error
+
+    def sync(self) -> None:
+        """Make every byte written durable (file data, or the device's cache)."""
+        try:
+            os.fsync(self.fd)
+        except OSError as error:
+            raise TargetIOError(path=self.path, operation="syncing", error=error) from error
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def check_target(path: str | os.PathLike[str], *, force: bool, sys_root: Path = SYS_ROOT, proc_root: Path = PROC_ROOT) -> TargetKind:
+    """Everything `open_target` checks that does not need the image length; opens nothing, writes nothing.
+
+    Run it before joining a stream whose length is not known yet, to fail early on a plain mistake.
+    """
+    name = os.fspath(path)
+    found = _stat(name)
+    if found is None:
+        _check_new_file(name)
+        return TargetKind.FILE
+    if stat.S_ISBLK(found.st_mode):
+        _check_device_free(name, found.st_rdev, force=force, sys_root=sys_root, proc_root=proc_root)
+        return TargetKind.BLOCK_DEVICE
+    if stat.S_ISREG(found.st_mode):
+        if found.st_size and not force:
+            raise TargetRefused(path=name, reason="the file exists and is not empty (--force overwrites it)")
+        return TargetKind.FILE
+    raise TargetRefused(path=name, reason=f"it is {_describe_mode(found.st_mode)}, not a regular file or a block device")
+
+
+def open_target(path: str | os.PathLike[str], *, length: int, force: bool, sys_root: Path = SYS_ROOT, proc_root: Path = PROC_ROOT) -> Target:
+    """Check `path` for an image of `length` bytes and open it read-write; refuse with `TargetRefused`."""
+    name = os.fspath(path)
+    if length < 0:
+        raise TargetRefused(path=name, reason=f"the image length {length} is negative")
+    kind = check_target(name, force=force, sys_root=sys_root, proc_root=proc_root)
+    if kind is TargetKind.BLOCK_DEVICE:
+        return _open_device(name, length=length, force=force, sys_root=sys_root)
+    return _open_file(name, length=length, force=force)
+
+
+# -- block devices ------------------------------------------------------------------------------------------
+
+
+def _open_device(name: str, *, length: int, force: bool, sys_root: Path) -> Target:
+    rdev = os.stat(name).st_rdev
+    try:
+        read_only = (sys_root / "dev" / "block" / f"{os.major(rdev)}:{os.minor(rdev)}" / "ro").read_text().strip() == "1"
+    except OSError:
+        read_only = False  # (only reachable with force) opening read-write below fails on a read-only device
+    if read_only:
+        raise TargetRefused(path=name, reason="the device is read-only")
+    flags = os.O_RDWR | os.O_CLOEXEC | (0 if force else os.O_EXCL)
+    try:
+        fd = os.open(name, flags)
+    except OSError as error:
+        if error.errno == errno.EBUSY:
+            reason = "the kernel reports it busy (mounted, swap, or held by device mapper/RAID); --force skips this check"
+        else:
+            reason = f"cannot open it read-write: {error.strerror}"
+        raise TargetRefused(path=name, reason=reason) from error
+    try:
+        capacity = _device_size(fd, name)
+        if length > capacity:
+            raise TargetRefused(path=name, reason=f"the image is {length} bytes, the device only {capacity}")
+        return Target(path=name, kind=TargetKind.BLOCK_DEVICE, length=length, capacity=capacity, fd=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _device_size(fd: int, name: str) -> int:
+    try:
+        (size,) = struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8))
+        return size
+    except OSError:
+        pass
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    except OSError as error:
+        raise TargetRefused(path=name, reason=f"could not determine the device size: {error.strerror}") from error
+
+
+def _device_dir(name: str, rdev: int, sys_root: Path) -> Path:
+    device_dir = sys_root / "dev" / "block" / f"{os.major(rdev)}:{os.minor(rdev)}"
+    if not device_dir.is_dir():
+        raise TargetRefused(path=name, reason=f"could not determine whether it is in use: {device_dir} does not exist")
+    return device_dir.resolve()
+
+
+def _check_device_free(name: str, rdev: int, *, force: bool, sys_root: Path, proc_root: Path) -> None:
+    """Refuse a device (or one of its partitions) that is mounted, swap, or held; fail closed."""
+    try:
+        uses = _device_uses(name, rdev, sys_root=sys_root, proc_root=proc_root)
+    except TargetRefused:
+        if force:
+            return
+        raise
+    if uses and not force:
+        raise TargetRefused(path=name, reason="it is in use: " + "; ".join(uses) + " (--force writes anyway)")
+
+
+def _device_uses(name: str, rdev: int, *, sys_root: Path, proc_root: Path) -> list[str]:
+    device_dir = _device_dir(name, rdev, sys_root)
+    # The device itself and every partition on it: "<major>:<minor>" -> kernel name.
+    devices = {f"{os.major(rdev)}:{os.minor(rdev)}": device_dir.name}
+    try:
+        for child in device_dir.iterdir():
+            if (child / "partition").is_file():
+                devices[_read_text(child / "dev", name).strip()] = child.name
+    except OSError as error:
+        raise TargetRefused(path=name, reason=f"could not determine its partitions: {error}") from error
+    uses = []
+    for number, kernel_name in devices.items():
+        holders_dir = sys_root / "dev" / "block" / number / "holders"
+        try:
+            holders = sorted(entry.name for entry in holders_dir.iterdir())
+        except OSError as error:
+            raise TargetRefused(path=name, reason=f"could not determine whether it is in use: {holders_dir}: {error}") from error
+        if holders:
+            uses.append(f"{kernel_name} is held by {', '.join(holders)}")
+    for mount_point, number in _mounts(name, proc_root):
+        if number in devices:
+            uses.append(f"{devices[number]} is mounted at {mount_point}")
+    for swap in _swaps(name, proc_root):
+        if swap in devices:
+            uses.append(f"{devices[swap]} is active swap")
+    return list(dict.fromkeys(uses))  # a mount found by number and by source is one mount
+
+
+def _mounts(name: str, proc_root: Path) -> list[tuple[str, str]]:
+    """(mount point, "major:minor") of every mount, by its device number and by its source path.
+
+    Both, because some file systems (btrfs) report an anonymous device number in mountinfo's third field.
+    """
+    mountinfo = proc_root / "self" / "mountinfo"
+    mounts = []
+    for line in _read_text(mountinfo, name).splitlines():
+        fields = line.split()
+        try:
+            number, mount_point = fields[2], fields[4]
+            source = fields[fields.index("-", 6) + 2]
+        except (IndexError, ValueError):
+            raise TargetRefused(path=name, reason=f"could not determine whether it is mounted: cannot parse {mountinfo}: {line!r}") from None
+        mounts.append((mount_point, number))
+        source_number = _device_number(source)
+        if source_number is not None:
+            mounts.append((mount_point, source_number))
+    return mounts
+
+
+def _swaps(name: str, proc_root: Path) -> list[str]:
+    swaps = proc_root / "swaps"
+    if not swaps.exists():
+        return []  # a kernel without swap support has no /proc/swaps
+    numbers = []
+    for line in _read_text(swaps, name).splitlines()[1:]:
+        fields = line.split()
+        number = _device_number(fields[0]) if fields else None
+        if number is not None:
+            numbers.append(number)
+    return numbers
+
+
+def _device_number(path: str) -> str | None:
+    """ "major:minor" of a block device path, None when it is not one (or is gone)."""
+    if not path.startswith("/"):
+        return None
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return f"{os.major(found.st_rdev)}:{os.minor(found.st_rdev)}" if stat.S_ISBLK(found.st_mode) else None
+
+
+# -- regular files ------------------------------------------------------------------------------------------
+
+
+def _check_new_file(name: str) -> None:
+    directory = os.path.dirname(os.path.abspath(name))
+    if not os.path.isdir(directory):
+        raise TargetRefused(path=name, reason=f"the directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise TargetRefused(path=name, reason=f"cannot create files in {directory}")
+
+
+def _open_file(name: str, *, length: int, force: bool) -> Target:
+    created = _stat(name) is None
+    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if created else 0)
+    try:
+        fd = os.open(name, flags, 0o644)
+    except OSError as error:
+        raise TargetRefused(path=name, reason=f"cannot open it read-write: {error.strerror}") from error
+    try:
+        try:
+            info = os.fstatvfs(fd)
+            allocated = os.fstat(fd).st_blocks * 512
+        except OSError as error:
+            raise TargetRefused(path=name, reason=f"could not determine the free space: {error.strerror}") from error
+        free = info.f_bavail * info.f_frsize + allocated
+        if length > free:
+            raise TargetRefused(path=name, reason=f"the image is {length} bytes, the file system has {free} free")
+        try:
+            os.ftruncate(fd, length)
+        except OSError as error:
+            raise TargetRefused(path=name, reason=f"cannot size it to {length} bytes: {error.strerror}") from error
+        return Target(path=name, kind=TargetKind.FILE, length=length, capacity=length, fd=fd)
+    except BaseException:
+        os.close(fd)
+        if created:
+            os.unlink(name)
+        raise
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+
+
+def _stat(name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise TargetRefused(path=name, reason=f"could not inspect it: {error.strerror}") from error
+
+
+def _read_text(path: Path, name: str) -> str:
+    try:
+        return path.read_text()
+    except OSError as error:
+        raise TargetRefused(path=name, reason=f"could not determine whether it is safe to write: cannot read {path}: {error.strerror or error}") from error
+
+
+def _describe_mode(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"

@@ -1,0 +1,255 @@
+"""Receiving over real multicast on 127.0.0.1: a `vmcast.protocol.Carousel` sender in a thread, the receiver
+driven through `vmcast.receiver.agent.receive` under trio. No mocks: real sockets, files and loop devices.
+
+The lease server used here is a stand-in with the real API's two endpoints (see conftest); the real server
+and receiver are tested together in tests/e2e.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+import trio
+from vmcast.protocol import DropReason, encode_data, encode_metadata
+from vmcast.receiver.agent import FromGroup, FromServer, ReceiveRequest, receive
+from vmcast.receiver.errors import NoData, ServerError, StreamBroken, TargetRefused
+
+from .receiver_testbed import LOOPBACK, minimal_metadata, sha1_of
+
+MiB = 1 << 20
+
+# Every receive here finishes in well under a second; the timeout only bounds a broken test.
+TIMEOUT = 10.0
+
+
+def read_device(device: str, size: int) -> bytes:
+    with open(device, "rb") as disk:
+        return disk.read(size)
+
+
+def write_device(device: str, data: bytes, *, at: int) -> None:
+    with open(device, "r+b") as disk:
+        disk.seek(at)
+        disk.write(data)
+
+
+def direct(sender, output, **options) -> ReceiveRequest:
+    source = FromGroup(group=sender.group, port=sender.port, cookie=sender.cookie)
+    return ReceiveRequest(source=source, output=str(output), interface=LOOPBACK, timeout=options.pop("timeout", TIMEOUT), **options)
+
+
+async def test_a_stream_is_received_without_a_server_verified_and_byte_identical(image, make_sender, tmp_path):
+    sender = make_sender(image).start()
+    result = await receive(direct(sender, tmp_path / "out.raw"))
+    assert result.sha1 == sha1_of(image)
+    assert result.bytes == len(image)
+    assert (tmp_path / "out.raw").read_bytes() == image
+    assert result.interface == LOOPBACK and result.group == sender.group and result.port == sender.port
+    assert result.seconds > 0 and result.rate > 0
+    assert result.rcvbuf > 0
+
+
+async def test_a_receiver_joining_mid_loop_takes_the_rest_from_the_next_loop(image, make_sender, tmp_path):
+    sender = make_sender(image, rate=20e6).start()
+    frames_per_loop = sender.manifest.layout.frame_count
+    sender.wait_for_frames(frames_per_loop + frames_per_loop // 2)  # well into the second loop
+    async with trio.open_nursery() as nursery:
+        outcome = []
+
+        async def run(task_status=trio.TASK_STATUS_IGNORED):
+            outcome.append(await receive(direct(sender, tmp_path / "out.raw"), task_status=task_status))
+
+        await nursery.start(run)
+        joined_at = sender.position % frames_per_loop
+    assert frames_per_loop // 4 < joined_at < frames_per_loop, "the receiver did not join mid-loop"
+    assert outcome[0].sha1 == sha1_of(image)
+    assert (tmp_path / "out.raw").read_bytes() == image
+
+
+async def test_a_sender_announcing_only_sha1_and_len_is_received(image, make_sender, tmp_path):
+    sender = make_sender(image, metadata=minimal_metadata(image)).start()
+    result = await receive(direct(sender, tmp_path / "out.raw"))
+    assert result.sha1 == sha1_of(image)
+    assert (tmp_path / "out.raw").read_bytes() == image
+
+
+async def test_foreign_and_garbage_datagrams_are_counted_and_dropped(image, make_sender, tmp_path):
+    sender = make_sender(image, rate=20e6).start()
+    strangers = [
+        b"",  # empty
+        b"short",  # shorter than a header
+        encode_data(b"other!!!", 0, b"x" * 1400),  # another stream's data
+        encode_metadata(b"other!!!", {"sha1": "0" * 40, "len": 5}),  # another stream's metadata
+        encode_metadata(sender.cookie, {"sha1": "nope"}),  # our cookie, nonsense metadata
+        sender.cookie + b"\xff" * 8 + b"{not json",  # our cookie, metadata that is not JSON
+        os.urandom(1500),
+    ]
+
+    async def inject_while_receiving():
+        for _ in range(20):
+            for datagram in strangers:
+                sender.inject(datagram)
+            await trio.sleep(0.005)
+
+    async with trio.open_nursery() as nursery:
+        outcome = []
+
+        async def run(task_status=trio.TASK_STATUS_IGNORED):
+            outcome.append(await receive(direct(sender, tmp_path / "out.raw"), task_status=task_status))
+
+        await nursery.start(run)
+        nursery.start_soon(inject_while_receiving)
+    result = outcome[0]
+    assert result.sha1 == sha1_of(image)
+    assert (tmp_path / "out.raw").read_bytes() == image
+    assert result.drops.get(DropReason.TOO_SHORT.value, 0) >= 2
+    assert result.drops.get(DropReason.FOREIGN_COOKIE.value, 0) >= 2
+    assert result.drops.get(DropReason.MALFORMED_METADATA.value, 0) >= 2
+
+
+async def test_a_corrupted_frame_fails_its_block_which_is_taken_again(image, make_sender, tmp_path):
+    frame = 1400
+    sender = make_sender(image, corrupt_offsets=frozenset({frame * 10, frame * 800}))
+    async with trio.open_nursery() as nursery:
+        outcome = []
+
+        async def run(task_status=trio.TASK_STATUS_IGNORED):
+            outcome.append(await receive(direct(sender, tmp_path / "out.raw"), task_status=task_status))
+
+        await nursery.start(run)
+        sender.start()  # after the join, so the receiver sees the corrupted first loop
+    result = outcome[0]
+    assert result.corrupt_blocks == 2
+    assert result.sha1 == sha1_of(image)
+    assert (tmp_path / "out.raw").read_bytes() == image
+
+
+async def test_an_image_changing_under_the_stream_fails_it(image, make_sender, tmp_path):
+    changed = [{"sha1": hashlib.sha1(b"another image").hexdigest(), "len": len(image)}]
+    sender = make_sender(image, rate=5e6, metadata=minimal_metadata(image), metadata_after=(0.3, changed)).start()
+    with pytest.raises(StreamBroken, match="changed"):
+        await receive(direct(sender, tmp_path / "out.raw"))
+
+
+async def test_silence_for_the_timeout_ends_the_receive(make_sender, tmp_path):
+    sender = make_sender(b"never sent")  # not started: nothing on the group
+    with trio.fail_after(5):
+        with pytest.raises(NoData, match="within 0.5 s"):
+            await receive(direct(sender, tmp_path / "out.raw", timeout=0.5))
+
+
+async def test_an_empty_image_is_verified_from_its_metadata(make_sender, tmp_path):
+    sender = make_sender(b"").start()
+    result = await receive(direct(sender, tmp_path / "out.raw"))
+    assert result.sha1 == sha1_of(b"") and result.bytes == 0
+    assert (tmp_path / "out.raw").read_bytes() == b""
+
+
+async def test_a_block_device_receives_the_image_and_keeps_the_rest(image, make_sender, loop_device):
+    device = loop_device(4 * MiB)
+    write_device(device, b"tail" * 1000, at=len(image))
+    sender = make_sender(image).start()
+    result = await receive(direct(sender, device))
+    assert result.sha1 == sha1_of(image)
+    assert read_device(device, len(image) + 4000) == image + b"tail" * 1000  # never written past the image
+
+
+async def test_an_image_larger_than_the_device_is_refused_before_a_byte_is_written(make_sender, loop_device):
+    device = loop_device(MiB)
+    big = os.urandom(MiB + 4096)
+    sender = make_sender(big).start()
+    with pytest.raises(TargetRefused, match="the device only"):
+        await receive(direct(sender, device))
+    assert read_device(device, MiB) == bytes(MiB)
+
+
+# -- with a lease server ----------------------------------------------------------------------------------------
+
+
+def leased(server, output, image="test-image", **options) -> ReceiveRequest:
+    return ReceiveRequest(source=FromServer(server=server.url, image=image), output=str(output), timeout=TIMEOUT, **options)
+
+
+async def test_a_leased_stream_is_received_from_its_first_datagram_and_the_lease_released(image, lease_server, tmp_path):
+    result = await receive(leased(lease_server, tmp_path / "out.raw"))
+    assert result.sha1 == sha1_of(image)
+    assert result.image == "test-image" and result.format == "raw"
+    assert result.interface == LOOPBACK  # the address the kernel uses to reach the server
+    assert DropReason.BEFORE_METADATA.value not in result.drops  # the lease told us what metadata would
+    assert (tmp_path / "out.raw").read_bytes() == image
+    assert lease_server.released == list(lease_server.leases)
+    proof = result.proof
+    assert proof is not None and proof.sha1 == sha1_of(image) and proof.size == len(image)
+    assert str(proof.path) == str(tmp_path / "out.raw") and proof.source == "test-image"
+
+
+async def test_a_lease_without_the_block_size_waits_for_the_streams_metadata(image, lease_server, tmp_path):
+    lease_server.announce_block_size = False
+    result = await receive(leased(lease_server, tmp_path / "out.raw"))
+    assert result.sha1 == sha1_of(image)
+    assert (tmp_path / "out.raw").read_bytes() == image
+
+
+async def test_a_stream_without_the_block_checksums_its_lease_announced_fails_rather_than_waits(image, lease_server, tmp_path):
+    lease_server.sender_options = {"metadata": minimal_metadata(image)}
+    with pytest.raises(StreamBroken, match="sends no block checksums"):
+        await receive(leased(lease_server, tmp_path / "out.raw"))
+
+
+async def test_a_stream_contradicting_its_lease_fails(image, lease_server, tmp_path):
+    lease_server.sender_options = {"metadata": [{"sha1": "e" * 40, "len": len(image)}], "rate": 5e6}
+    with pytest.raises(StreamBroken, match="sha1"):
+        await receive(leased(lease_server, tmp_path / "out.raw"))
+    assert lease_server.released == list(lease_server.leases) and lease_server.released
+
+
+async def test_a_lease_is_renewed_while_the_receive_lasts(image, lease_server, tmp_path):
+    lease_server.lease_ttl = 0.3
+    lease_server.sender_options = {"rate": 4e6}  # about 0.8 s for the image
+    result = await receive(leased(lease_server, tmp_path / "out.raw"))
+    assert result.sha1 == sha1_of(image)
+    assert len(lease_server.renewed) >= 2 and set(lease_server.renewed) == {"lease-1"}
+    assert lease_server.released == ["lease-1"]
+
+
+async def test_a_lease_that_ended_is_taken_again_on_the_same_stream(image, lease_server, tmp_path):
+    lease_server.lease_ttl = 0.3
+    lease_server.end_leases_on_renewal = 1
+    lease_server.sender_options = {"rate": 4e6}
+    result = await receive(leased(lease_server, tmp_path / "out.raw"))
+    assert result.sha1 == sha1_of(image)
+    assert lease_server.ended == ["lease-1"] and "lease-2" in lease_server.renewed
+    assert lease_server.released == ["lease-2"]
+
+
+async def test_an_unknown_image_is_a_server_error(lease_server, tmp_path):
+    with pytest.raises(ServerError, match="no image 'nope'") as caught:
+        await receive(leased(lease_server, tmp_path / "out.raw", image="nope"))
+    assert caught.value.status == 404
+    assert not (tmp_path / "out.raw").exists()
+
+
+async def test_an_unreachable_server_is_a_server_error(tmp_path):
+    with trio.socket.socket() as probe:  # a port nothing listens on
+        await probe.bind((LOOPBACK, 0))
+        port = probe.getsockname()[1]
+    request = ReceiveRequest(source=FromServer(server=f"http://{LOOPBACK}:{port}", image="x"), output=str(tmp_path / "out.raw"))
+    with pytest.raises(ServerError, match="unreachable"):
+        await receive(request)
+
+
+async def test_the_lease_is_released_when_the_target_is_refused(lease_server, tmp_path):
+    (tmp_path / "out.raw").write_bytes(b"keep me")
+    with pytest.raises(TargetRefused):
+        await receive(leased(lease_server, tmp_path / "out.raw"))
+    assert lease_server.released == list(lease_server.leases) and lease_server.released
+    assert (tmp_path / "out.raw").read_bytes() == b"keep me"
+
+
+async def test_the_lease_is_released_when_the_receive_is_cancelled(lease_server, tmp_path):
+    lease_server.sender_options = {"rate": 1e6}  # slow enough to cancel midway
+    with trio.move_on_after(0.5):
+        await receive(leased(lease_server, tmp_path / "out.raw"))
+    assert lease_server.released == list(lease_server.leases) and lease_server.released

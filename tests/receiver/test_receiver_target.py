@@ -1,0 +1,137 @@
+"""Target safety: what `open_target` accepts, what it refuses, and that a refusal writes nothing.
+
+Real files, real loop devices (root and losetup), a real ext4 mount; "cannot inspect" cases point the
+checks at /proc and /sys trees built in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+from vmcast.receiver.errors import TargetBoundsError, TargetRefused
+from vmcast.receiver.target import TargetKind, check_target, open_target
+
+MiB = 1 << 20
+
+
+def test_a_new_file_is_created_sparse_at_the_image_length(tmp_path):
+    path = tmp_path / "image.raw"
+    with open_target(path, length=64 * MiB, force=False) as target:
+        assert target.kind is TargetKind.FILE
+        assert os.path.getsize(path) == 64 * MiB
+        assert os.stat(path).st_blocks * 512 < MiB  # sparse: nothing allocated yet
+
+
+def test_an_existing_non_empty_file_is_refused_without_force(tmp_path):
+    path = tmp_path / "image.raw"
+    path.write_bytes(b"precious")
+    with pytest.raises(TargetRefused, match="exists and is not empty"):
+        open_target(path, length=MiB, force=False)
+    assert path.read_bytes() == b"precious"
+    with open_target(path, length=MiB, force=True):
+        assert os.path.getsize(path) == MiB
+
+
+def test_an_existing_empty_file_is_used(tmp_path):
+    path = tmp_path / "image.raw"
+    path.touch()
+    with open_target(path, length=MiB, force=False) as target:
+        assert target.length == MiB
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda tmp: str(tmp), "a directory"),
+    (lambda tmp: "/dev/null", "a character device"),
+    (lambda tmp: str(tmp / "missing-dir" / "image.raw"), "does not exist"),
+])
+def test_what_is_neither_file_nor_block_device_is_refused(tmp_path, make, reason):
+    with pytest.raises(TargetRefused, match=reason):
+        open_target(make(tmp_path), length=MiB, force=True)
+
+
+def test_a_file_system_without_room_for_the_image_is_refused_and_the_file_removed(tmp_path):
+    path = tmp_path / "huge.raw"
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(TargetRefused, match="free"):
+        open_target(path, length=free + 1024 * MiB, force=False)
+    assert not path.exists()
+
+
+def test_writes_stop_at_the_image_length(tmp_path):
+    with open_target(tmp_path / "image.raw", length=10, force=False) as target:
+        target.pwrite(b"0123456789", 0)
+        with pytest.raises(TargetBoundsError):
+            target.pwrite(b"x", 10)
+        with pytest.raises(TargetBoundsError):
+            target.pwrite(b"abc", 8)
+    assert (tmp_path / "image.raw").read_bytes() == b"0123456789"
+
+
+def test_a_free_block_device_large_enough_is_accepted(loop_device):
+    device = loop_device(4 * MiB)
+    with open_target(device, length=3 * MiB, force=False) as target:
+        assert target.kind is TargetKind.BLOCK_DEVICE
+        assert target.capacity == 4 * MiB
+        assert target.length == 3 * MiB
+
+
+def test_an_image_larger_than_the_block_device_is_refused_and_nothing_written(loop_device):
+    device = loop_device(MiB)
+    with open(device, "rb") as before:
+        original = before.read()
+    with pytest.raises(TargetRefused, match=f"the device only {MiB}"):
+        open_target(device, length=MiB + 1, force=True)  # --force never overrides the size
+    with open(device, "rb") as after:
+        assert after.read() == original
+
+
+def test_a_mounted_block_device_is_refused_unless_forced(loop_device, tmp_path):
+    device = loop_device(16 * MiB)
+    if shutil.which("mkfs.ext4") is None:
+        pytest.skip("mkfs.ext4 is not installed")
+    subprocess.run(["mkfs.ext4", "-q", device], check=True)
+    mount_point = tmp_path / "mnt"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", device, str(mount_point)], check=False, capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount here: {mounted.stderr.strip()}")
+    try:
+        with pytest.raises(TargetRefused, match=f"is mounted at {mount_point}"):
+            check_target(device, force=False)
+        with pytest.raises(TargetRefused, match="mounted"):
+            open_target(device, length=MiB, force=False)
+        with open_target(device, length=MiB, force=True) as target:  # opened only; nothing is written here
+            assert target.kind is TargetKind.BLOCK_DEVICE
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_device_whose_use_cannot_be_determined_is_refused(loop_device, tmp_path):
+    device = loop_device(MiB)
+    empty_proc = tmp_path / "proc"
+    empty_proc.mkdir()
+    with pytest.raises(TargetRefused, match="could not determine"):
+        open_target(device, length=MiB, force=False, proc_root=empty_proc)
+    empty_sys = tmp_path / "sys"
+    empty_sys.mkdir()
+    with pytest.raises(TargetRefused, match="could not determine"):
+        open_target(device, length=MiB, force=False, sys_root=empty_sys)
+    with open_target(device, length=MiB, force=True, proc_root=empty_proc):
+        pass  # --force accepts the risk of an unknown state, not of a wrong size
+
+
+def test_a_device_held_by_another_device_is_refused(loop_device, tmp_path):
+    """Device mapper, LVM and RAID show as holders in sysfs; a copied sysfs entry with a holder added stands in."""
+    device = loop_device(MiB)
+    rdev = os.stat(device).st_rdev
+    number = f"{os.major(rdev)}:{os.minor(rdev)}"
+    fake_device = tmp_path / "sys" / "devices" / os.path.basename(device)
+    (fake_device / "holders" / "dm-7").mkdir(parents=True)
+    (fake_device / "ro").write_text("0\n")
+    (tmp_path / "sys" / "dev" / "block").mkdir(parents=True)
+    (tmp_path / "sys" / "dev" / "block" / number).symlink_to(fake_device)
+    with pytest.raises(TargetRefused, match="held by dm-7"):
+        open_target(device, length=MiB, force=False, sys_root=tmp_path / "sys")
