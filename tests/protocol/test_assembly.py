@@ -270,3 +270,46 @@ def test_a_frame_past_the_end_cannot_teach_a_wrong_frame_size():
     assert assembly.layout is None
     assert isinstance(assembly.receive_datagram(data[0]), DataReceived)
     assert assembly.layout.frame_size == FRAME
+
+
+def test_a_block_fetched_out_of_band_completes_the_image_alongside_multicast():
+    from vmcast.protocol import BlockVerified
+
+    image = image_of(12_000)
+    metadata, data = all_datagrams(image)
+    receiver = MemoryReceiver(cookie=COOKIE)
+    for datagram in metadata + data[:4] + data[9:10]:  # block 0 by multicast, one frame of block 2
+        receiver.feed(datagram)
+    for block in (1, 2):
+        start, end = receiver.assembly.layout.block_span(block)
+        receiver.disk[start:end] = image[start:end]
+        result = receiver.assembly.accept_block(block, receiver.disk[start:end])
+        assert isinstance(result, BlockVerified)
+    assert result.image_complete
+    assert receiver.assembly.received_bytes == len(image)
+    receiver.assembly.check_image(hashlib.sha1(receiver.disk).hexdigest())
+    assert receiver.complete
+
+
+def test_a_corrupt_block_fetched_out_of_band_is_refused_by_its_checksum():
+    image = image_of(12_000)
+    metadata, _ = all_datagrams(image)
+    assembly = Assembly(cookie=COOKIE)
+    assembly.receive_datagram(metadata[0])
+    result = assembly.accept_block(1, b"\x00" * 4000)
+    assert isinstance(result, BlockCorrupt)
+    assert assembly.received_bytes == 0 and assembly.missing_blocks() == [0, 1, 2]
+
+
+def test_without_checksums_an_out_of_band_block_is_accepted_and_the_sha1_decides():
+    image = image_of(12_000)
+    metadata, _ = all_datagrams(image, minimal=True)
+    assembly = Assembly(cookie=COOKIE)
+    assembly.receive_datagram(metadata[0])
+    assembly.receive_datagram(encode_data(COOKIE, 0, image[:FRAME]))  # teaches the frame size
+    for block in range(assembly.layout.block_count):
+        start, end = assembly.layout.block_span(block)
+        assembly.accept_block(block, image[start:end] if block else b"\x01" * (end - start))
+    assert assembly.state is AssemblyState.VERIFYING_IMAGE
+    wrong = assembly.check_image(hashlib.sha1(b"\x01" * 12_000).hexdigest())
+    assert wrong.expected != wrong.actual and assembly.state is AssemblyState.RECEIVING
