@@ -33,7 +33,6 @@ IMAGE_NAME = "demo.qcow2"
 # stretch of zeros as real VM images have.
 RANDOM_MIB = 96
 ZERO_MIB = 32
-LATE_JOIN_SECONDS = 0.6
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -43,11 +42,12 @@ class ReceiverOutcome:
     sha1: str | None
     seconds: float | None
     size: int | None
-    joined_after: float
+    joined: str
 
 
 def run_demo(*, workdir: Path | None, rate: str, receivers: int, keep: bool) -> int:
-    console = Console(stderr=False)
+    # Wide enough for a whole SHA-1 per row even when the output is a pipe or a log (rich assumes 80 there).
+    console = Console(stderr=False, width=None if sys.stdout.isatty() else 110)
     if shutil.which("qemu-img") is None:
         console.print("[red]qemu-img is missing: apt-get install qemu-utils[/red]")
         return 1
@@ -73,10 +73,13 @@ def run_demo(*, workdir: Path | None, rate: str, receivers: int, keep: bool) -> 
         console.print(f"server: {server_url} (pid {server.pid}), paced at {rate}; API docs at {server_url}/docs")
 
         started = time.monotonic()
-        running: list[tuple[str, subprocess.Popen, float]] = []
+        running: list[tuple[str, subprocess.Popen, str]] = []
         for index in range(receivers):
-            if index == receivers - 1 and receivers > 1:
-                time.sleep(LATE_JOIN_SECONDS)  # the last receiver joins mid-loop
+            late = index == receivers - 1 and receivers > 1
+            joined = "at the start"
+            if late:
+                # The last receiver joins mid-loop: once the stream is a third of the way through the image.
+                joined = _wait_until_mid_loop(server_url, raw_size)
             name = f"receiver-{index + 1}"
             proc = subprocess.Popen(
                 [sys.executable, "-m", "vmcast.server.cli", "receive", IMAGE_NAME, "--format", "raw",
@@ -84,13 +87,13 @@ def run_demo(*, workdir: Path | None, rate: str, receivers: int, keep: bool) -> 
                 stdout=subprocess.PIPE, stderr=(root / f"{name}.log").open("w"), text=True,
             )
             processes.append(proc)
-            running.append((name, proc, time.monotonic() - started))
-            console.print(f"{name}: started {time.monotonic() - started:.1f} s after the first (pid {proc.pid})")
+            running.append((name, proc, joined))
+            console.print(f"{name}: started {time.monotonic() - started:.1f} s after the first, {joined} (pid {proc.pid})")
 
         outcomes = []
-        for name, proc, joined_after in running:
+        for name, proc, joined in running:
             out, _ = proc.communicate(timeout=600)
-            outcomes.append(_outcome(name, proc.returncode, out, joined_after))
+            outcomes.append(_outcome(name, proc.returncode, out, joined))
         return _report(console, outcomes, expected_sha1, raw_size, server_url, root)
     finally:
         for proc in reversed(processes):
@@ -106,6 +109,20 @@ def run_demo(*, workdir: Path | None, rate: str, receivers: int, keep: bool) -> 
             shutil.rmtree(root, ignore_errors=True)
         elif keep or not own_dir:
             console.print(f"kept {root}")
+
+
+def _wait_until_mid_loop(server_url: str, raw_size: int, timeout: float = 120.0) -> str:
+    """Wait until the demo's stream has sent a third of a loop; say where in the loop it is."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        streams = httpx.get(f"{server_url}/v1/streams", timeout=5).json()
+        if streams:
+            stream = streams[0]
+            into_loop = stream["bytes_sent"] - stream["loops_completed"] * raw_size
+            if stream["loops_completed"] or into_loop >= raw_size // 3:
+                return f"{100 * max(into_loop, 0) / raw_size:.0f}% into loop {stream['loops_completed'] + 1}"
+        time.sleep(0.02)
+    raise RuntimeError("the demo stream did not start")
 
 
 def _make_image(path: Path, console: Console) -> tuple[str, int]:
@@ -126,7 +143,7 @@ def _make_image(path: Path, console: Console) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _outcome(name: str, exit_code: int, stdout: str, joined_after: float) -> ReceiverOutcome:
+def _outcome(name: str, exit_code: int, stdout: str, joined: str) -> ReceiverOutcome:
     result: dict = {}
     for line in reversed(stdout.strip().splitlines()):
         try:
@@ -136,21 +153,24 @@ def _outcome(name: str, exit_code: int, stdout: str, joined_after: float) -> Rec
             continue
     return ReceiverOutcome(
         name=name, exit_code=exit_code, sha1=result.get("sha1"), seconds=result.get("seconds"),
-        size=result.get("bytes"), joined_after=joined_after,
+        size=result.get("bytes"), joined=joined,
     )
 
 
 def _report(console: Console, outcomes: list[ReceiverOutcome], expected_sha1: str, raw_size: int, server_url: str, root: Path) -> int:
     table = Table(title=f"{IMAGE_NAME} as raw ({raw_size / 2**20:.0f} MiB) over loopback multicast")
-    for column in ("receiver", "joined after", "exit", "verified sha1", "seconds", "throughput"):
-        table.add_column(column)
+    table.add_column("receiver")
+    table.add_column("joined")
+    table.add_column("verified sha1", overflow="fold", min_width=40)
+    table.add_column("seconds", justify="right")
+    table.add_column("throughput", justify="right")
     good = 0
     for o in outcomes:
         ok = o.exit_code == 0 and o.sha1 == expected_sha1
         good += ok
         rate = f"{o.size * 8 / o.seconds / 1e6:.0f} Mbit/s" if o.size and o.seconds else "-"
-        table.add_row(o.name, f"{o.joined_after:.1f} s", str(o.exit_code), (o.sha1 or "-") if ok else f"[red]{o.sha1}[/red]",
-                      f"{o.seconds:.2f}" if o.seconds else "-", rate)
+        shown = o.sha1 if ok else f"[red]FAILED (exit {o.exit_code}) {o.sha1 or ''}[/red]"
+        table.add_row(o.name, o.joined, shown, f"{o.seconds:.2f}" if o.seconds else "-", rate)
     console.print(table)
     if good == len(outcomes):
         console.print(f"[green]all {good} receivers hold a verified, byte-identical copy[/green] (raw sha1 from qemu-img: {expected_sha1})")
