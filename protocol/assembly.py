@@ -58,6 +58,9 @@ class MetadataReceived:
     """True for the stream's first accepted metadata: the image's identity and size are known now."""
     blocks_to_check: tuple[int, ...] = ()
     """Complete blocks whose checksums arrived with this frame: call `check_block` for each."""
+    zero_blocks: tuple[int, ...] = ()
+    """Blocks this frame announced as all zeros, which the sender never sends: make them read as zeros on
+    the target (a hole, BLKZEROOUT, or nothing on a new sparse file). They count as received and verified."""
 
 
 # Not frozen, unlike the other events: this one is made for every datagram, and a frozen dataclass's
@@ -279,10 +282,11 @@ class Assembly:
         ready = self._store_checksums(metadata) if metadata.checksums else ()
         if isinstance(ready, StreamFailed):
             return ready
+        zeros = self._take_zero_blocks(metadata.zero_runs, ready) if metadata.zero_runs and self.layout else ()
         if not had_layout and self.layout is not None and self._verified_count == len(self._verified):
             # An empty image, or a resumed one that was already whole: nothing left to receive.
             self.state = AssemblyState.VERIFYING_IMAGE
-        return MetadataReceived(metadata=metadata, first_metadata=first_metadata, blocks_to_check=ready)
+        return MetadataReceived(metadata=metadata, first_metadata=first_metadata, blocks_to_check=ready, zero_blocks=zeros)
 
     def _conflict(self, metadata: StreamMetadata) -> MetadataConflict | None:
         assert self.metadata is not None
@@ -371,6 +375,25 @@ class Assembly:
             elif known != value:
                 return self._fail(MetadataConflict(field=f"xxh3[{index}]", first=f"{known:016x}", now=f"{value:016x}"))
         return tuple(ready)
+
+    def _take_zero_blocks(self, runs: tuple[tuple[int, int], ...], ready: tuple[int, ...]) -> tuple[int, ...]:
+        """Count announced zero blocks as received and verified, unless their data already came (then it is
+        checked like any block, via `ready`)."""
+        if not self._has_block_checksums:
+            return ()
+        taken = []
+        for first, count in runs:
+            for block in range(first, first + count):
+                if self._verified[block] or block in ready:
+                    continue
+                self._forget_block(block)
+                self._mark_block_received(block)
+                self._verified[block] = 1
+                self._verified_count += 1
+                taken.append(block)
+        if taken and self._verified_count == len(self._verified) and self.state is AssemblyState.RECEIVING:
+            self.state = AssemblyState.VERIFYING_IMAGE
+        return tuple(taken)
 
     # -- checks the caller performs with its own I/O ---------------------------------------------------------
 

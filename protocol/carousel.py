@@ -63,7 +63,12 @@ class Carousel:
         )
         self.loops_completed = 0
         self.data_frames_sent = 0
-        self._next_frame = 0
+        # Frames of all-zero blocks are never sent: metadata says which blocks they are.
+        self._zero_blocks = manifest.zero_block_flags()
+        self.frames_per_loop = sum(
+            self.layout.frames_in_block(block) for block, zero in enumerate(self._zero_blocks) if not zero
+        )
+        self._next_frame = self._first_frame_to_send(0)
         self._metadata_due_at: float | None = None  # None: due now (start of the first loop)
         self.repairs = RepairQueue(layout=manifest.layout)
         self.repair_frames_sent = 0
@@ -77,10 +82,9 @@ class Carousel:
         if self._metadata_due_at is None or now >= self._metadata_due_at:
             self._metadata_due_at = now + self.metadata_interval
             return SendMetadata(datagrams=self.metadata_datagrams)
-        frame_count = self.layout.frame_count
-        if frame_count == 0:
-            # An empty image is all metadata: each metadata round is a whole loop, and between rounds there is
-            # nothing to send (sending metadata back to back would flood the group).
+        if self.frames_per_loop == 0:
+            # An empty (or all-zero) image is all metadata: each metadata round is a whole loop, and between
+            # rounds there is nothing to send (sending metadata back to back would flood the group).
             self.loops_completed += 1
             return Idle(until=self._metadata_due_at)
         if self._repairs_in_a_row < MAX_REPAIRS_IN_A_ROW:
@@ -96,10 +100,27 @@ class Carousel:
         self.repairs.sent_by_carousel(frame)
         offset = frame * self.layout.frame_size
         length = min(self.layout.frame_size, self.layout.length - offset)
-        self._next_frame += 1
         self.data_frames_sent += 1
-        if self._next_frame == frame_count:
-            self._next_frame = 0
+        following = self._first_frame_to_send(frame + 1)
+        if following is None or following <= frame:
             self.loops_completed += 1
             self._metadata_due_at = None  # every loop starts with metadata
+        self._next_frame = following if following is not None else 0
         return SendData(header=encode_header(self.cookie, offset), offset=offset, length=length)
+
+    def _first_frame_to_send(self, frame: int) -> int | None:
+        """The first frame at or after `frame`, cyclically, that is not in a zero block; None if there is none."""
+        layout = self.layout
+        if frame >= layout.frame_count:
+            frame = 0
+        if not any(self._zero_blocks):
+            return frame if layout.frame_count else None
+        per_block = layout.frames_per_block
+        block = frame // per_block
+        if not self._zero_blocks[block]:
+            return frame
+        for step in range(1, layout.block_count + 1):
+            candidate = (block + step) % layout.block_count
+            if not self._zero_blocks[candidate]:
+                return candidate * per_block
+        return None

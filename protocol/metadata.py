@@ -6,7 +6,8 @@ is enough to start; block checksums are spread over several frames so each stays
     {"v": 1, "sha1": "<40 hex>", "len": <bytes>,            # required: the original design's two fields
      "frame": <bytes>, "block": <bytes>,                     # optional: data frame and checksum block sizes
      "name": "<image>", "format": "raw",                     # optional: informational
-     "xxh3": {"first": <block index>, "sums": ["<16 hex>", ...]}}   # optional: some blocks' xxh3-64
+     "xxh3": {"first": <block index>, "sums": ["<16 hex>", ...]},   # optional: some blocks' xxh3-64
+     "zero": [[<block>, <count>], ...]}    # optional: which of those blocks are all zeros (never sent)
 
 A receiver ignores fields it does not know, so later versions can add fields without breaking it.
 """
@@ -37,6 +38,13 @@ TARGET_BLOCK_SIZE = 1 << 20
 # Images are addressed by a u64 offset whose top value means "metadata"; JSON integers above 2**53 do not
 # survive every JSON parser, so lengths are kept below that, which is 8 PiB.
 MAX_IMAGE_LENGTH = (1 << 53) - 1
+
+# Image names are informational in metadata; longer ones are cut so that every frame keeps room for checksums.
+MAX_NAME_IN_METADATA = 200
+
+# Zero detection compares this much of a block first: random data differs within a few bytes, so only blocks
+# that start with zeros pay for the full comparison.
+_ZERO_PROBE = 4096
 
 _SHA1_HEX = re.compile(r"[0-9a-f]{40}")
 _XXH3_HEX = re.compile(r"[0-9a-f]{16}")
@@ -106,6 +114,8 @@ class StreamMetadata:
     """Index of the block whose checksum is ``checksums[0]``."""
     checksums: tuple[int, ...] = ()
     """xxh3-64 of blocks ``checksums_first ...``, as integers."""
+    zero_runs: tuple[tuple[int, int], ...] = ()
+    """Runs ``(first block, count)`` of all-zero blocks among those this frame has checksums for."""
 
     def identity_fields(self) -> dict[str, object]:
         """The fields that must never change within a stream (each compared on its own)."""
@@ -149,6 +159,13 @@ def parse_metadata(fields: dict[str, object]) -> StreamMetadata | Dropped:
         if isinstance(parsed, str):
             return bad(parsed)
         first, sums = parsed
+    zero_runs: tuple[tuple[int, int], ...] = ()
+    if "zero" in fields:
+        if not sums:
+            return bad("'zero' needs 'xxh3' checksums of the blocks it names")
+        zero_runs = _parse_zero_runs(fields["zero"], first=first, stop=first + len(sums))
+        if isinstance(zero_runs, str):
+            return bad(zero_runs)
     return StreamMetadata(
         version=version,
         sha1=sha1.lower(),
@@ -159,6 +176,7 @@ def parse_metadata(fields: dict[str, object]) -> StreamMetadata | Dropped:
         format=fields.get("format"),
         checksums_first=first,
         checksums=sums,
+        zero_runs=zero_runs,
     )
 
 
@@ -180,6 +198,34 @@ def _parse_checksums(value: object, *, block_count: int) -> tuple[int, tuple[int
     return first, tuple(int(s, 16) for s in sums)
 
 
+def _parse_zero_runs(value: object, *, first: int, stop: int) -> tuple[tuple[int, int], ...] | str:
+    if not isinstance(value, list):
+        return "'zero' must be a list of [block, count] pairs"
+    runs = []
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 2 and all(_is_int(v) for v in item)):
+            return f"'zero' entry {item!r} is not a [block, count] pair"
+        start, count = item
+        if count < 1 or start < first or start + count > stop:
+            return f"'zero' run {item!r} is outside blocks [{first}, {stop}) this frame has checksums for"
+        runs.append((start, count))
+    return tuple(runs)
+
+
+def zero_runs_of(flags: list[bool] | tuple[bool, ...]) -> tuple[tuple[int, int], ...]:
+    """``(first, count)`` runs of the True entries."""
+    runs, start = [], None
+    for index, flag in enumerate(flags):
+        if flag and start is None:
+            start = index
+        elif not flag and start is not None:
+            runs.append((start, index - start))
+            start = None
+    if start is not None:
+        runs.append((start, len(flags) - start))
+    return tuple(runs)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Manifest:
     """Everything a sender announces about an image: its identity, layout and block checksums."""
@@ -194,6 +240,14 @@ class Manifest:
     """Frame and block sizes."""
     block_xxh3: tuple[int, ...] = field(repr=False)
     """xxh3-64 of every block, in order."""
+    zero_blocks: tuple[tuple[int, int], ...] = ()
+    """Runs ``(first block, count)`` of all-zero blocks: announced in metadata and never sent."""
+
+    def zero_block_flags(self) -> list[bool]:
+        flags = [False] * self.layout.block_count
+        for first, count in self.zero_blocks:
+            flags[first : first + count] = [True] * count
+        return flags
 
     def metadata_frames(self, *, payload_limit: int = METADATA_PAYLOAD_LIMIT) -> list[dict[str, object]]:
         """The metadata objects that together announce the manifest, each under `payload_limit` bytes encoded.
@@ -207,26 +261,41 @@ class Manifest:
             "len": self.layout.length,
             "frame": self.layout.frame_size,
             "block": self.layout.block_size,
-            "name": self.name,
+            # Informational, and a URL can be long: it must not crowd out the checksums.
+            "name": self.name[:MAX_NAME_IN_METADATA],
             "format": self.format,
         }
-        # Worst case for the checksum envelope: the largest "first" index this image can need.
-        envelope = dict(base, xxh3={"first": len(self.block_xxh3), "sums": []})
-        room = payload_limit - len(json.dumps(envelope, separators=(",", ":")))
-        per_frame = room // len(',"0123456789abcdef"')
-        if per_frame < 1:
-            raise ValueError(f"metadata payload limit {payload_limit} leaves no room for a checksum")
-        objects = []
-        for first in range(0, len(self.block_xxh3), per_frame):
-            sums = [f"{value:016x}" for value in self.block_xxh3[first : first + per_frame]]
-            objects.append(dict(base, xxh3={"first": first, "sums": sums}))
+        zero = self.zero_block_flags()
+        objects: list[dict[str, object]] = []
+        first, total = 0, len(self.block_xxh3)
+        while first < total:
+            # As many checksums as fit; zero runs take room too, so shrink until the encoding fits.
+            count = min(total - first, max(1, (payload_limit - 260) // 19))
+            while True:
+                fields = self._checksum_frame(base, first, count, zero)
+                if len(json.dumps(fields, separators=(",", ":"))) <= payload_limit:
+                    break
+                if count == 1:
+                    raise ValueError(f"metadata payload limit {payload_limit} leaves no room for a checksum")
+                count = max(1, count * 3 // 4)
+            objects.append(fields)
+            first += count
         return objects or [base]
+
+    def _checksum_frame(self, base: dict[str, object], first: int, count: int, zero: list[bool]) -> dict[str, object]:
+        sums = [f"{value:016x}" for value in self.block_xxh3[first : first + count]]
+        fields = dict(base, xxh3={"first": first, "sums": sums})
+        runs = zero_runs_of(zero[first : first + count])
+        if runs:
+            fields["zero"] = [[first + start, length] for start, length in runs]
+        return fields
 
 
 class ManifestBuilder:
     """Hashes an image fed to it in order, in chunks of any size, and makes its `Manifest`.
 
-    One pass computes both SHA-1 and the per-block xxh3-64, so a sender reads its image once.
+    One pass computes SHA-1, the per-block xxh3-64 and which blocks are all zeros, so a sender reads its image
+    once. Zero detection is exact (a byte comparison, not a hash), since a zero block is never sent.
     """
 
     def __init__(self, *, name: str, format: str, frame_size: int, block_size: int | None = None) -> None:
@@ -234,10 +303,13 @@ class ManifestBuilder:
         self._block_size = block_size or default_block_size(frame_size)
         if self._block_size % frame_size:
             raise ValueError("block size must be a multiple of the frame size")
+        self._zeros = bytes(self._block_size)
         self._sha1 = hashlib.sha1()
         self._block = xxhash.xxh3_64()
         self._block_filled = 0
+        self._block_is_zero = True
         self._sums: list[int] = []
+        self._zero_flags: list[bool] = []
         self._length = 0
 
     def update(self, data: bytes | memoryview) -> None:
@@ -246,19 +318,40 @@ class ManifestBuilder:
         view = memoryview(data)
         while view:
             take = min(len(view), self._block_size - self._block_filled)
-            self._block.update(view[:take])
+            piece = view[:take]
+            self._block.update(piece)
+            if self._block_is_zero:
+                self._block_is_zero = self._is_zero(piece)
             self._block_filled += take
             view = view[take:]
             if self._block_filled == self._block_size:
-                self._sums.append(self._block.intdigest())
-                self._block.reset()
-                self._block_filled = 0
+                self._end_block()
+
+    def _is_zero(self, piece: memoryview) -> bool:
+        probe = min(len(piece), _ZERO_PROBE)
+        if bytes(piece[:probe]) != self._zeros[:probe]:
+            return False
+        return bytes(piece) == self._zeros[: len(piece)]
+
+    def _end_block(self) -> None:
+        self._sums.append(self._block.intdigest())
+        self._zero_flags.append(self._block_is_zero)
+        self._block.reset()
+        self._block_filled = 0
+        self._block_is_zero = True
 
     def finish(self) -> Manifest:
         if self._block_filled:
-            self._sums.append(self._block.intdigest())
+            self._end_block()
         layout = Layout(length=self._length, frame_size=self._frame_size, block_size=self._block_size)
-        return Manifest(name=self._name, format=self._format, sha1=self._sha1.hexdigest(), layout=layout, block_xxh3=tuple(self._sums))
+        return Manifest(
+            name=self._name,
+            format=self._format,
+            sha1=self._sha1.hexdigest(),
+            layout=layout,
+            block_xxh3=tuple(self._sums),
+            zero_blocks=zero_runs_of(self._zero_flags),
+        )
 
 
 def manifest_of(data: bytes, *, name: str = "image", format: str = "raw", frame_size: int = 1400, block_size: int | None = None) -> Manifest:

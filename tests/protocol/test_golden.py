@@ -24,7 +24,7 @@ DATA_FRAME = bytes.fromhex("76 6d 63 61 73 74 00 01 00 00 00 00 00 00 0a f0 76 6
 METADATA_JSON = (
     '{"block":2800,"format":"raw","frame":1400,"len":3005,"name":"tiny.raw",'
     '"sha1":"15268c1c0acbfae8ecc1c2832b68f2c32e3c48d5","v":1,'
-    '"xxh3":{"first":0,"sums":["ab6938c82669c0e1","021700158e4df70f"]}}'
+    '"xxh3":{"first":0,"sums":["ab6938c82669c0e1","021700158e4df70f"]},"zero":[[0,1]]}'
 )
 METADATA_FRAME = bytes.fromhex("766d636173740001ffffffffffffffff") + METADATA_JSON.encode()
 SPEC = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
@@ -54,6 +54,22 @@ def test_golden_metadata_frame_decodes_to_the_tiny_image():
     metadata = parse_metadata(frame.fields)
     assert (metadata.sha1, metadata.length, metadata.frame_size, metadata.block_size) == (TINY_SHA1, 3005, 1400, 2800)
     assert metadata.checksums == (0xAB6938C82669C0E1, 0x021700158E4DF70F)
+    assert metadata.zero_runs == ((0, 1),)
+
+
+def test_the_carousel_never_sends_the_zero_block_of_the_tiny_image():
+    manifest = manifest_of(TINY_IMAGE, name="tiny.raw", frame_size=1400, block_size=2800)
+    carousel = Carousel(manifest=manifest, cookie=COOKIE, metadata_interval=100.0)
+    actions = [carousel.next_send(0.0) for _ in range(4)]
+    assert [getattr(a, "offset", None) for a in actions] == [None, 2800, None, 2800]  # metadata, data, ...
+
+
+def test_tiny_image_completes_from_its_metadata_and_its_one_data_frame():
+    receiver = MemoryReceiver(cookie=COOKIE)
+    receiver.feed(METADATA_FRAME)
+    receiver.feed(encode_data(COOKIE, 2800, TINY_IMAGE[2800:]))
+    assert receiver.complete
+    assert bytes(receiver.disk) == TINY_IMAGE
 
 
 def test_the_specification_quotes_the_golden_bytes_verbatim():
