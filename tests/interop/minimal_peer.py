@@ -12,9 +12,11 @@ Command line::
                             [--timeout 60]
 
 The sender is a *minimal sender* (PROTOCOL.md section 3): its metadata is only ``{"len":..,"sha1":..}``, so
-receivers must learn the frame size from data (section 4). The receiver verifies by SHA-1 only; it validates the
-type and range of every field the document defines (and detects conflicts on them), ignores unknown fields, and
-never checks XXH3 block sums (it has no XXH3 implementation).
+receivers must learn the frame size from data (section 4), and it sends every frame of every loop (it never
+announces ``zero``). The receiver verifies by SHA-1 only; it validates the type and range of every field the
+document defines (and detects conflicts on them), ignores unknown fields, and never checks XXH3 block sums (it has
+no XXH3 implementation). It honours ``zero`` (section 5, "Zero blocks"): a block named there reads as zeros in the
+output and counts as received, since its data frames never come; the whole-image SHA-1 still covers it.
 
 Importable pieces (``from tests.interop.minimal_peer import ...``):
 
@@ -167,16 +169,21 @@ def parse_metadata(payload: bytes) -> dict:
     if not isinstance(obj, dict):
         raise MalformedMetadata("not a JSON object")
 
+    # Section 3: "A receiver checks `v` first, so a frame of a newer version is dropped as `unsupported_version`
+    # whatever else it holds; then the other fields."
+    if "v" in obj:
+        version = obj["v"]
+        if not (_is_int(version) and version >= 1):
+            raise MalformedMetadata("v must be an integer >= 1")
+        if version > SUPPORTED_VERSION:
+            raise UnsupportedVersion(f"v={version}")
+
     sha1 = obj.get("sha1")
     if not (isinstance(sha1, str) and len(sha1) == 40 and set(sha1) <= _HEX):
         raise MalformedMetadata("sha1 must be 40 hex digits")
     length = obj.get("len")
     if not (_is_int(length) and 0 <= length < MAX_LEN):
         raise MalformedMetadata("len must be an integer in [0, 2**53)")
-    if "v" in obj:
-        version = obj["v"]
-        if not (_is_int(version) and version >= 1):
-            raise MalformedMetadata("v must be an integer >= 1")
     if "frame" in obj:
         frame = obj["frame"]
         if not (_is_int(frame) and 1 <= frame <= MAX_FRAME):
@@ -205,13 +212,26 @@ def parse_metadata(payload: bytes) -> dict:
         blocks = -(-length // obj["block"])
         if first + len(sums) > blocks:
             raise MalformedMetadata("xxh3 covers blocks past the end of the image")
+    if "zero" in obj:
+        # Section 3: [[block, count], ...] runs, each inside first .. first + len(sums) - 1 of this frame's xxh3.
+        if "xxh3" not in obj:
+            raise MalformedMetadata("zero without xxh3")
+        runs = obj["zero"]
+        if not isinstance(runs, list):
+            raise MalformedMetadata("zero must be an array")
+        low = obj["xxh3"]["first"]
+        high = low + len(obj["xxh3"]["sums"])  # exclusive
+        for run in runs:
+            if not (isinstance(run, list) and len(run) == 2 and _is_int(run[0]) and _is_int(run[1])):
+                raise MalformedMetadata("each zero run is [block, count], two integers")
+            start, count = run
+            if count < 1:
+                raise MalformedMetadata("a zero run's count must be >= 1")
+            if start < low or start + count > high:
+                raise MalformedMetadata("a zero run reaches outside this frame's xxh3 blocks")
     for informational in ("name", "format"):
         if informational in obj and not isinstance(obj[informational], str):
             raise MalformedMetadata(f"{informational} must be a string")
-
-    # Version after the type checks: a well-formed frame of a newer version is "unsupported", not "malformed".
-    if obj.get("v", 1) > SUPPORTED_VERSION:
-        raise UnsupportedVersion(f"v={obj['v']}")
     return obj
 
 
@@ -239,7 +259,9 @@ class Receiver:
         self.frame_from_metadata = False
         self.block: int | None = None
         self.block_sums: dict[int, str] = {}
+        self.zero_blocks: set[int] = set()  # blocks metadata named in `zero` (kept, like all metadata)
         self.held: bytearray | None = None  # one byte per frame, 1 = held
+        self.dirty: bytearray | None = None  # one byte per frame, 1 = payload bytes written there (not zeros)
         self.held_count = 0
         self.frames = 0
         self.complete = False
@@ -258,6 +280,7 @@ class Receiver:
             "frames": self.frames if self.frame else None,
             "frame_size": self.frame,
             "len": self.length,
+            "zero_blocks": len(self.zero_blocks),
         }
 
     # -- datagrams -----------------------------------------------------------------------------------
@@ -290,7 +313,7 @@ class Receiver:
         sha1 = meta["sha1"].lower()
         if self.sha1 is None:
             self.sha1, self.length = sha1, meta["len"]
-            self.out.truncate(self.length)
+            self._prepare_target()
         else:
             if sha1 != self.sha1:
                 raise StreamFailed("sha1", self.sha1, sha1)
@@ -319,13 +342,74 @@ class Receiver:
         self.accepted_metadata += 1
         if self.length == 0:
             return self._verify()
-        return False
+        if "zero" in meta:
+            # Section 5, "Zero blocks": their data frames never come; they read as zeros and count as received.
+            # (zero is not among the fields whose change rule 3 calls a contradiction; a block once named stays.)
+            for start, count in meta["zero"]:
+                for j in range(start, start + count):
+                    if j not in self.zero_blocks:
+                        self.zero_blocks.add(j)
+                        if self.frame is not None:
+                            self._apply_zero_block(j)
+        return self._check_complete()
+
+    def _prepare_target(self) -> None:
+        """Make the output a fresh file of ``len`` bytes that reads as zeros (sparse where the OS allows)."""
+        self.out.truncate(0)
+        self.out.truncate(self.length)
+        if self.length and self.out.seek(0, 2) < self.length:  # e.g. io.BytesIO does not grow on truncate
+            self.out.seek(self.length - 1)
+            self.out.write(b"\0")
 
     def _set_frame(self, frame: int) -> None:
         self.frame = frame
         self.frames = -(-self.length // frame)
         self.held = bytearray(self.frames)
+        self.dirty = bytearray(self.frames)
         self.held_count = 0
+        for j in sorted(self.zero_blocks):  # named before F was known (nothing was written yet)
+            self._apply_zero_block(j)
+
+    def _apply_zero_block(self, j: int) -> None:
+        """Block ``j`` was named in ``zero``: make it read as zeros and count its frames as held, unless every
+        frame of it is held already (then it is verified like any block: here, by the whole-image SHA-1)."""
+        frame, block = self.frame, self.block
+        start, end = j * block, min((j + 1) * block, self.length)
+        first, last = start // frame, -(-end // frame)  # the frames that hold bytes of block j
+        if self.held[first:last].count(0) == 0:
+            return
+        if self.dirty[first:last].find(1) != -1:
+            self._zero_range(start, end)
+            whole_from = -(-start // frame)  # frames lying wholly inside the block now read as zeros
+            whole_to = last if end == self.length else end // frame
+            if whole_to > whole_from:
+                self.dirty[whole_from:whole_to] = bytes(whole_to - whole_from)
+        if block % frame == 0:  # the block is exactly frames first .. last - 1
+            self.held_count += self.held[first:last].count(0)
+            self.held[first:last] = b"\x01" * (last - first)
+            return
+        for k in range(first, last):
+            if self.held[k]:
+                continue
+            # Only when a sender broke "block is a multiple of frame" (F learned from data or from another metadata
+            # frame): a frame straddling into a block not named zero is not held; its data still comes.
+            lo, hi = k * frame, min((k + 1) * frame, self.length)
+            if all(b in self.zero_blocks for b in range(lo // block, (hi - 1) // block + 1)):
+                self.held[k] = 1
+                self.held_count += 1
+
+    def _zero_range(self, start: int, end: int) -> None:
+        chunk = bytes(min(end - start, 1 << 20))
+        self.out.seek(start)
+        while start < end:
+            n = min(len(chunk), end - start)
+            self.out.write(chunk[:n])
+            start += n
+
+    def _check_complete(self) -> bool:
+        if self.frame is not None and self.frames and self.held_count == self.frames:
+            return self._verify()
+        return False
 
     def _data(self, offset: int, payload) -> bool:
         if self.length is None:
@@ -352,16 +436,16 @@ class Receiver:
             return False
         k = offset // frame
         if self.held[k]:
+            # Also a frame of a block named in `zero` (a sender may send it anyway): it counts as received already.
             self.duplicates += 1
-            return False
+            return self._check_complete()  # learning F from this frame may have completed the image by `zero`
         self.out.seek(offset)
         self.out.write(payload)
         self.held[k] = 1
+        self.dirty[k] = 1
         self.held_count += 1
         self.written += 1
-        if self.held_count == self.frames:
-            return self._verify()
-        return False
+        return self._check_complete()
 
     def _verify(self) -> bool:
         self.out.flush()
@@ -379,11 +463,14 @@ class Receiver:
             self.complete = True
             self.verified_sha1 = got
             return True
-        # Forget every frame and take them again on later loops (metadata and F are kept).
+        # Forget every frame and take them again on later loops (metadata and F are kept). The metadata kept
+        # includes `zero`: those blocks are made zeros again and count as received, as their data never comes.
         self.sha1_mismatches += 1
         if self.held is not None:
             self.held = bytearray(self.frames)
             self.held_count = 0
+            for j in sorted(self.zero_blocks):
+                self._apply_zero_block(j)
         return False
 
 
@@ -448,7 +535,8 @@ def run_sender(
 
     Stops after ``loops`` loops, or after ``seconds`` seconds (possibly mid-loop), or never if neither is given
     (until SIGINT/SIGTERM when run as a script). ``rate_mbit`` paces the UDP payload bytes (header included).
-    ``extra_metadata`` (for tests only) adds fields to the otherwise minimal metadata.
+    ``extra_metadata`` (for tests only) adds fields to the otherwise minimal metadata. This sender always sends
+    every frame: it never skips blocks, so it must not be used to announce ``zero``.
     """
     cookie = parse_cookie(cookie)
     if not 1 <= frame <= MAX_FRAME:
@@ -456,6 +544,8 @@ def run_sender(
     with open(path, "rb") as f:
         image = f.read()
     meta = {"sha1": hashlib.sha1(image).hexdigest(), "len": len(image)}
+    if extra_metadata and "zero" in extra_metadata:
+        raise ValueError("a minimal sender sends every frame, so it never announces zero blocks")
     if extra_metadata:
         meta.update(extra_metadata)
     meta_datagram = encode_metadata(cookie, meta)
