@@ -81,11 +81,12 @@ class Carousel:
     def next_send(self, now: float) -> SendData | SendMetadata | Idle:
         if self._metadata_due_at is None or now >= self._metadata_due_at:
             self._metadata_due_at = now + self.metadata_interval
+            if self.frames_per_loop == 0:
+                # An empty (or all-zero) image is all metadata: each metadata round is a whole loop.
+                self.loops_completed += 1
             return SendMetadata(datagrams=self.metadata_datagrams)
         if self.frames_per_loop == 0:
-            # An empty (or all-zero) image is all metadata: each metadata round is a whole loop, and between
-            # rounds there is nothing to send (sending metadata back to back would flood the group).
-            self.loops_completed += 1
+            # Nothing to send between rounds (sending metadata back to back would flood the group).
             return Idle(until=self._metadata_due_at)
         if self._repairs_in_a_row < MAX_REPAIRS_IN_A_ROW:
             repair = self.repairs.pop()

@@ -124,13 +124,27 @@ class RepairPlanner:
             self._join = self._head = frame
             return
         if frame < self._head:
-            # The carousel wrapped to the image's start (it only goes forward otherwise).
-            if self._wrapped:
-                self._passed_everything = True
-            self._wrapped = True
+            if self._at_loop_end(self._head):
+                # The carousel wrapped to the image's start (it only goes forward otherwise).
+                if self._wrapped:
+                    self._passed_everything = True
+                self._wrapped = True
+            else:
+                # It went back from the middle of the image: the sender restarted its loop (a server restart).
+                # What it sent before is still passed, but the frames between here and the old position have
+                # not come round again yet: start over from here, as if joining now.
+                self._join = frame
+                self._wrapped = self._passed_everything = False
         elif self._wrapped and frame >= self._join:
             self._passed_everything = True
         self._head = frame
+
+    def _at_loop_end(self, head: int) -> bool:
+        """Whether `head` was the last frame of a loop: nothing after it is missing but for a few frames
+        (lost, or within the reorder margin). Frames of zero blocks count as held, so a loop that ends before
+        a run of trailing zero blocks ends too."""
+        tail = len(self.received) - head - 1
+        return tail <= REORDER_MARGIN or self.received.count(0, head + 1) <= REORDER_MARGIN
 
     def poll(self, now: float, *, jitter: float) -> RepairRequest | None:
         """What to ask for now, if anything. `jitter` is a random draw in [0, 1) from the caller."""

@@ -15,6 +15,7 @@ from vmcast.protocol import (
     BlockCorrupt,
     Carousel,
     DataReceived,
+    Idle,
     MetadataReceived,
     SendMetadata,
 )
@@ -64,6 +65,8 @@ def datagrams(carousel: Carousel, image: bytes, now: float) -> list[bytes]:
     action = carousel.next_send(now)
     if isinstance(action, SendMetadata):
         return list(action.datagrams)
+    if isinstance(action, Idle):
+        return []
     return [action.header + image[action.offset : action.offset + action.length]]
 
 

@@ -144,3 +144,17 @@ def test_with_repair_lossy_receivers_finish_sooner_with_identical_images():
     assert repaired_time < plain_time
     assert carousel.repair_frames_sent > 0
     assert carousel.repairs.frames_requested >= carousel.repair_frames_sent
+
+
+def test_a_sender_restarting_its_loop_mid_image_is_not_taken_for_a_wrap():
+    layout = manifest_of(bytes(1_000_000), frame_size=1000).layout
+    received = _bits(layout.frame_count)
+    planner = RepairPlanner(layout=layout, received=received)
+    for frame in range(300, 600):  # joined at 300, nothing lost
+        received[frame] = 1
+        planner.observe_carousel(frame)
+    for frame in range(0, 200):  # the server restarted: its carousel begins again at frame 0
+        received[frame] = 1
+        planner.observe_carousel(frame)
+    planner.poll(0.0, jitter=0.0)
+    assert planner.poll(10.0, jitter=0.0) is None  # 600-999 were never sent: nothing to ask for
