@@ -122,7 +122,9 @@ def start_services(settings: Settings, *, repair_socket: socket.socket | None = 
     registry = Registry(
         group_range=settings.group_range,
         port=settings.mcast_port,
-        sender_config=SenderConfig(interface=settings.interface, ttl=settings.ttl, rate_bps=settings.rate),
+        sender_config=SenderConfig(
+            interface=settings.interface, ttl=settings.ttl, rate_bps=settings.rate, gso=settings.gso
+        ),
         lease_ttl=settings.lease_ttl,
         store=store,
         repair_port=repair_socket.getsockname()[1],
@@ -176,10 +178,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         resumed = await anyio.to_thread.run_sync(services.registry.resume, services.prepare_recorded)
         services.repair_listener.start()
         log.info(
-            "serving images from %s; streams to %s port %d by %s at %s, %d-byte frames, TTL %d; repair requests "
-            "on UDP port %d; range downloads capped at %s; leases live %g s; state in %s (%d stream(s) resumed)",
+            "serving images from %s; streams to %s port %d by %s at %s, %d-byte frames, TTL %d, UDP GSO %s; repair "
+            "requests on UDP port %d; range downloads capped at %s; leases live %g s; state in %s (%d stream(s) "
+            "resumed)",
             settings.images_dir, settings.group_range, settings.mcast_port, settings.interface,
-            format_rate(settings.rate), settings.payload, settings.ttl, services.repair_listener.port,
+            format_rate(settings.rate), settings.payload, settings.ttl, "on" if settings.gso else "off",
+            services.repair_listener.port,
             format_rate(settings.repair_rate, zero="unlimited"), settings.lease_ttl, settings.state_db_path, resumed,
         )  # fmt: skip
         async with anyio.create_task_group() as tasks:

@@ -4,6 +4,11 @@ A manifest is cached as ``<cache>/manifests/<sha256 of the source>.<format>.<fra
 content like the converted images, so it is computed once per image content, format and frame size, and
 a server that starts again announces its streams without reading the images. The image name is not part of
 the cache entry (two names for the same bytes share it); it is set when the manifest is loaded.
+
+An entry holds everything the stream announces, zero blocks included (``"zero_blocks": [[first, count], ...]``,
+the runs of `Manifest.zero_blocks`): those blocks are never sent, so an entry that lost them would make the
+sender send gigabytes of zeros. Entries of an older `_FORMAT_VERSION` (version 1 had no zero blocks) are
+ignored and rebuilt, never loaded with the field missing.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from .files import FileIdentity, read_in_chunks, write_atomically
 
 log = logging.getLogger(__name__)
 
-_FORMAT_VERSION = 1
+# 2: zero blocks. Bump it whenever an entry's meaning changes, so that old entries are rebuilt, not misread.
+_FORMAT_VERSION = 2
 _XXH3_HEX_DIGITS = 16
 # Manifests used lately are also kept in memory, so that joining a running stream does not parse its JSON
 # again (19 MB for a 1 TiB image). Each costs about 36 bytes per block: 36 MB for 1 TiB.
@@ -84,6 +90,7 @@ class ManifestStore:
         try:
             fields = json.loads(entry.read_text())
             if fields["version"] != _FORMAT_VERSION:
+                log.info("manifest cache entry %s is of an older format: computing it again", entry)
                 return None
             sums = fields["block_xxh3"]
             layout = Layout(length=fields["length"], frame_size=fields["frame_size"], block_size=fields["block_size"])
@@ -95,6 +102,7 @@ class ManifestStore:
                 block_xxh3=tuple(
                     int(sums[start : start + _XXH3_HEX_DIGITS], 16) for start in range(0, len(sums), _XXH3_HEX_DIGITS)
                 ),
+                zero_blocks=_parse_zero_runs(fields["zero_blocks"], block_count=layout.block_count),
             )
         except FileNotFoundError:
             return None
@@ -119,6 +127,7 @@ class ManifestStore:
             "block_size": layout.block_size,
             # One hex string rather than a list: a 1 TiB image has a million blocks.
             "block_xxh3": "".join(f"{value:016x}" for value in manifest.block_xxh3),
+            "zero_blocks": [[first, count] for first, count in manifest.zero_blocks],
         }
         write_atomically(
             self._entry(key=key, format=manifest.format, frame_size=layout.frame_size), json.dumps(fields).encode()
@@ -126,3 +135,23 @@ class ManifestStore:
 
     def _entry(self, *, key: str, format: str, frame_size: int) -> Path:
         return self._dir / f"{key}.{format}.{frame_size}.json"
+
+
+def _parse_zero_runs(value: object, *, block_count: int) -> tuple[tuple[int, int], ...]:
+    """The zero-block runs of a cache entry: ascending, apart, each inside the image. `ValueError` otherwise.
+
+    A run that is wrong would make the sender skip blocks that hold data, so nothing doubtful is accepted.
+    """
+    if not isinstance(value, list):
+        raise ValueError("'zero_blocks' is not a list")
+    runs: list[tuple[int, int]] = []
+    end_of_previous = 0
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 2 and all(type(number) is int for number in item)):
+            raise ValueError(f"zero block run {item!r} is not a [first, count] pair")
+        first, count = item
+        if count < 1 or first < end_of_previous or first + count > block_count:
+            raise ValueError(f"zero block run {item!r} overlaps another or reaches past block {block_count - 1}")
+        runs.append((first, count))
+        end_of_previous = first + count
+    return tuple(runs)

@@ -42,6 +42,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vmcast.protocol import Manifest
+
 from .errors import (
     GroupsExhausted,
     ImageChanged,
@@ -94,6 +96,8 @@ class StreamStatus:
     sha1: str
     frame_size: int
     block_size: int
+    zero_bytes: int
+    """Bytes of the image in all-zero blocks: announced in metadata, never sent (docs/PROTOCOL.md 3-4)."""
     references: int
     rate_bps: int
     created_at: float
@@ -126,7 +130,9 @@ class Release:
 class _Stream:
     """Registry-internal: mutable, guarded by the registry's lock."""
 
-    __slots__ = ("cookie", "created_at", "group", "image", "key", "port", "references", "sender", "stream_id")
+    __slots__ = (
+        "cookie", "created_at", "group", "image", "key", "port", "references", "sender", "stream_id", "zero_bytes",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -143,6 +149,7 @@ class _Stream:
         self.group, self.port, self.cookie, self.sender = group, port, cookie, sender
         self.references = 0
         self.created_at = time.time()
+        self.zero_bytes = zero_bytes_of(image.manifest)  # once: a status is asked for at every metrics scrape
 
     def stored(self) -> StoredStream:
         return StoredStream(
@@ -549,12 +556,22 @@ class Registry:
             sha1=manifest.sha1,
             frame_size=manifest.layout.frame_size,
             block_size=manifest.layout.block_size,
+            zero_bytes=stream.zero_bytes,
             references=stream.references,
             rate_bps=self.sender_config.rate_bps,
             created_at=stream.created_at,
             repair_port=self.repair_port,
             sender=stream.sender.stats(),
         )
+
+
+def zero_bytes_of(manifest: Manifest) -> int:
+    """How many of the image's bytes lie in its zero blocks (the last block may be short)."""
+    layout = manifest.layout
+    return sum(
+        min((first + count) * layout.block_size, layout.length) - first * layout.block_size
+        for first, count in manifest.zero_blocks
+    )
 
 
 def _stored_lease(lease: Lease) -> StoredLease:

@@ -60,6 +60,13 @@ class Settings(BaseSettings):
     )
     payload: int = Field(1400, ge=1, le=MAX_PAYLOAD, description="Image bytes per data datagram (frame size).")
     ttl: int = Field(1, ge=0, le=255, description="IP multicast TTL: 1 stays on the local network segment.")
+    gso: bool = Field(
+        True,
+        description=(
+            "Send data frames in UDP GSO batches (many datagrams per system call) where the kernel allows it; "
+            "the datagrams on the wire are the same."
+        ),
+    )
     cache_dir: Path = Field(
         default_factory=_default_cache_dir, description="Where converted images and manifests are kept."
     )

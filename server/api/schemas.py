@@ -82,6 +82,10 @@ class StreamStarted(_Model):
     sha1: str = Field(pattern=_SHA1, description="SHA-1 of the image as sent.")
     frame_size: int = Field(description="Image bytes per data datagram.")
     block_size: int = Field(description="Bytes per checksum block.")
+    zero_bytes: int = Field(
+        0,
+        description="Bytes of the image in all-zero blocks: metadata names them and they are never sent, so a loop carries `len - zero_bytes` bytes of data.",
+    )
     repair_port: int = Field(
         description="UDP port, on the API's host, that takes repair requests (docs/PROTOCOL.md section 7)."
     )
@@ -104,6 +108,7 @@ class StreamStarted(_Model):
             sha1=stream.sha1,
             frame_size=stream.frame_size,
             block_size=stream.block_size,
+            zero_bytes=stream.zero_bytes,
             repair_port=stream.repair_port,
             lease_ttl=lease.ttl,
             expires_at=lease.expires_at,
@@ -123,12 +128,16 @@ class Stream(_Model):
     sha1: str = Field(pattern=_SHA1)
     frame_size: int
     block_size: int
+    zero_bytes: int = Field(0, description="Bytes of the image in all-zero blocks, which are never sent.")
     references: int = Field(description="Leases holding the stream; it stops when the last is released.")
     loops_completed: int = Field(description="Times the whole image was sent.")
     bytes_sent: int = Field(description="UDP payload bytes sent (vmcast frame headers included, IP/UDP headers not).")
     datagrams_sent: int = Field(description="Datagrams sent, data and metadata.")
     rate_bps: int = Field(description="Configured send rate in bits/s, IP and UDP headers included; 0 = unpaced.")
     measured_bps: float = Field(description="Measured send rate over about the last second, counted like rate_bps.")
+    gso: bool = Field(
+        False, description="Data frames leave in UDP GSO batches (many datagrams per system call); the wire is the same."
+    )
     send_errors: int = Field(description="Sends that failed (other than a full queue) and were retried.")
     last_error: str | None = Field(description="The most recent send error, if any.")
     state: StreamState
@@ -154,12 +163,14 @@ class Stream(_Model):
             sha1=stream.sha1,
             frame_size=stream.frame_size,
             block_size=stream.block_size,
+            zero_bytes=stream.zero_bytes,
             references=stream.references,
             loops_completed=sender.loops_completed,
             bytes_sent=sender.bytes_sent,
             datagrams_sent=sender.datagrams_sent,
             rate_bps=stream.rate_bps,
             measured_bps=round(sender.measured_bps, 1),
+            gso=sender.gso,
             send_errors=sender.send_errors,
             last_error=sender.last_error,
             state=sender.state.value,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
-from vmcast.protocol import manifest_of
+import pytest
+from vmcast.protocol import default_block_size, manifest_of
 from vmcast.server.app import Services
 from vmcast.server.fingerprints import Fingerprints
 from vmcast.server.manifests import ManifestStore
@@ -91,3 +93,61 @@ def test_the_first_start_of_a_raw_image_reads_it_once_for_both_its_key_and_its_m
         images.path(images.raw).read_bytes(), name=images.raw, format="raw", frame_size=settings.payload
     )
     assert prepared.path == images.path(images.raw)
+
+
+def image_with_zero_blocks(block_size: int) -> bytes:
+    """Blocks: zeros, random, zeros, zeros but for the last byte, random, and a short block of zeros."""
+    zeros = bytes(block_size)
+    return (
+        zeros
+        + os.urandom(block_size)
+        + zeros
+        + zeros[:-1]
+        + b"\x01"
+        + os.urandom(block_size)
+        + bytes(block_size // 3)
+    )
+
+
+def test_a_cached_manifest_keeps_its_zero_blocks(tmp_path: Path) -> None:
+    data = image_with_zero_blocks(default_block_size(1400))
+    path = tmp_path / "image"
+    path.write_bytes(data)
+    built = ManifestStore(cache_dir=tmp_path / "cache").get(path, key="4" * 64, name="z", format="raw", frame_size=1400)
+    assert built.zero_blocks == ((0, 1), (2, 1), (5, 1))
+    restarted = ManifestStore(cache_dir=tmp_path / "cache")
+    loaded = restarted.get(path, key="4" * 64, name="z", format="raw", frame_size=1400)
+    assert restarted.builds == 0
+    assert loaded == built == manifest_of(data, name="z", frame_size=1400)
+
+
+def test_a_cache_entry_from_before_zero_blocks_is_computed_again_not_loaded_without_them(tmp_path: Path) -> None:
+    path = tmp_path / "image"
+    path.write_bytes(image_with_zero_blocks(default_block_size(1400)))
+    ManifestStore(cache_dir=tmp_path / "cache").get(path, key="5" * 64, name="z", format="raw", frame_size=1400)
+    [entry] = (tmp_path / "cache" / "manifests").iterdir()
+    fields = json.loads(entry.read_text())
+    del fields["zero_blocks"]
+    entry.write_text(json.dumps(dict(fields, version=1)))  # what a server before zero blocks wrote
+    store = ManifestStore(cache_dir=tmp_path / "cache")
+    manifest = store.get(path, key="5" * 64, name="z", format="raw", frame_size=1400)
+    assert store.builds == 1
+    assert manifest.zero_blocks == ((0, 1), (2, 1), (5, 1))
+    assert json.loads(entry.read_text())["zero_blocks"] == [[0, 1], [2, 1], [5, 1]], "the entry is written anew"
+
+
+@pytest.mark.parametrize(
+    "zero_blocks",
+    [None, "0-1", [[0, 7]], [[2, 1], [0, 1]], [[0, 2], [1, 1]], [[0, 0]], [[-1, 1]], [[0, 1.0]], [[0, True]]],
+)
+def test_a_cache_entry_with_doubtful_zero_blocks_is_computed_again(tmp_path: Path, zero_blocks: object) -> None:
+    # A wrong run would make the sender skip blocks that hold data: nothing doubtful is loaded.
+    path = tmp_path / "image"
+    path.write_bytes(image_with_zero_blocks(default_block_size(1400)))
+    ManifestStore(cache_dir=tmp_path / "cache").get(path, key="6" * 64, name="z", format="raw", frame_size=1400)
+    [entry] = (tmp_path / "cache" / "manifests").iterdir()
+    entry.write_text(json.dumps(dict(json.loads(entry.read_text()), zero_blocks=zero_blocks)))
+    store = ManifestStore(cache_dir=tmp_path / "cache")
+    manifest = store.get(path, key="6" * 64, name="z", format="raw", frame_size=1400)
+    assert store.builds == 1
+    assert manifest.zero_blocks == ((0, 1), (2, 1), (5, 1))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import ipaddress
 import itertools
+import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,12 +21,24 @@ from vmcast.protocol import (
     DataReceived,
     ImageVerified,
     MetadataReceived,
+    RepairRequest,
     manifest_of,
 )
 from vmcast.server.errors import ConfigurationError, ImageChanged
 from vmcast.server.files import FileIdentity
+from vmcast.server.pacing import TokenBucket
 from vmcast.server.rates import parse_rate
-from vmcast.server.sender import STOP_CHECK_INTERVAL, Sender, SenderConfig, SenderState, check_interface
+from vmcast.server.sender import (
+    GSO_MAX_BYTES,
+    GSO_MAX_SEGMENTS,
+    STOP_CHECK_INTERVAL,
+    Sender,
+    SenderConfig,
+    SenderState,
+    batch_limit,
+    check_interface,
+    gso_supported,
+)
 from vmcast.server.settings import IP_UDP_HEADER_SIZE
 
 from .server_testing import MulticastListener, free_udp_port
@@ -32,13 +47,45 @@ GROUP = "239.255.77.1"
 COOKIE = bytes.fromhex("0123456789abcdef")
 
 
+class RecordingSocket:
+    """A sender's real socket, with every `sendmsg` call recorded as (datagrams, carried a GSO segment size).
+
+    With `refuse_gso`, a send that asks for GSO fails with that errno, as on a kernel or route without it.
+    """
+
+    def __init__(self, sock: socket.socket, *, refuse_gso: int | None = None) -> None:
+        self._socket = sock
+        self.refuse_gso = refuse_gso
+        self.calls: list[tuple[int, bool]] = []
+
+    def sendmsg(self, buffers, ancillary=()):  # noqa: ANN001, ANN201 - socket.sendmsg's own signature
+        buffers = list(buffers)
+        self.calls.append((max(1, len(buffers) // 2), bool(ancillary)))
+        if ancillary and self.refuse_gso is not None:
+            raise OSError(self.refuse_gso, os.strerror(self.refuse_gso))
+        return self._socket.sendmsg(buffers, ancillary)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._socket, name)
+
+
 @pytest.fixture
 def start_sender(tmp_path: Path) -> Iterator[Callable[..., tuple[Sender, MulticastListener]]]:
-    """Write an image, start a sender of it and a listener on its group; everything stops after the test."""
+    """Write an image, start a sender of it and a listener on its group; everything stops after the test.
+
+    `before_start(sender)` runs between opening the sender and starting its thread.
+    """
     senders: list[Sender] = []
     listeners: list[MulticastListener] = []
 
-    def start(data: bytes, *, rate: str, frame_size: int = 1400) -> tuple[Sender, MulticastListener]:
+    def start(
+        data: bytes,
+        *,
+        rate: str,
+        frame_size: int = 1400,
+        gso: bool = True,
+        before_start: Callable[[Sender], None] | None = None,
+    ) -> tuple[Sender, MulticastListener]:
         path = tmp_path / f"image-{len(senders)}"
         path.write_bytes(data)
         port = free_udp_port()
@@ -50,9 +97,11 @@ def start_sender(tmp_path: Path) -> Iterator[Callable[..., tuple[Sender, Multica
             cookie=COOKIE,
             group=ipaddress.IPv4Address(GROUP),
             port=port,
-            config=SenderConfig(interface="127.0.0.1", ttl=1, rate_bps=parse_rate(rate)),
+            config=SenderConfig(interface="127.0.0.1", ttl=1, rate_bps=parse_rate(rate), gso=gso),
         )
         senders.append(sender)
+        if before_start is not None:
+            before_start(sender)
         sender.start()
         return sender, listener
 
@@ -63,12 +112,11 @@ def start_sender(tmp_path: Path) -> Iterator[Callable[..., tuple[Sender, Multica
         listener.close()
 
 
-def test_a_receiver_reassembles_and_verifies_the_image_from_what_the_sender_sends(start_sender) -> None:
-    data = os.urandom(1_500_000)
-    _, listener = start_sender(data, rate="200mbit")
+def receive_image(listener: MulticastListener, data: bytes, *, seconds: float = 5.0) -> Assembly:
+    """Listen until the image is reassembled and verified (or `seconds` pass); the receiver's assembly."""
     assembly = Assembly(cookie=COOKIE)
     image = bytearray(len(data))
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + seconds
     while assembly.state is not AssemblyState.COMPLETE and time.monotonic() < deadline:
         for heard in listener.listen(0.1, keep_payload=True):
             event = assembly.receive_datagram(COOKIE + heard.offset.to_bytes(8, "big") + heard.payload)
@@ -85,6 +133,13 @@ def test_a_receiver_reassembles_and_verifies_the_image_from_what_the_sender_send
                     assert isinstance(assembly.check_image(hashlib.sha1(image).hexdigest()), ImageVerified)
     assert assembly.state is AssemblyState.COMPLETE
     assert bytes(image) == data
+    return assembly
+
+
+def test_a_receiver_reassembles_and_verifies_the_image_from_what_the_sender_sends(start_sender) -> None:
+    data = os.urandom(1_500_000)
+    _, listener = start_sender(data, rate="200mbit")
+    assembly = receive_image(listener, data)
     assert sum(assembly.drops.values()) == 0
 
 
@@ -198,3 +253,105 @@ def test_an_interface_that_is_not_on_this_machine_is_refused_with_a_clear_messag
         check_interface("no-such-nic0")
     check_interface("lo")
     check_interface("127.0.0.1")
+
+
+# -- UDP GSO batching ----------------------------------------------------------------------------------------------
+
+
+def record_sends(*, refuse_gso: int | None = None) -> Callable[[Sender], None]:
+    """A `before_start` that swaps both sockets of a sender for `RecordingSocket`s."""
+
+    def swap(sender: Sender) -> None:
+        sender._socket = RecordingSocket(sender._socket, refuse_gso=refuse_gso)  # type: ignore[assignment]
+        sender._repair_socket = RecordingSocket(sender._repair_socket, refuse_gso=refuse_gso)  # type: ignore[assignment]
+
+    return swap
+
+
+def test_this_kernel_offers_udp_gso() -> None:
+    # Linux 4.18+. Every other GSO test below assumes it; on an older kernel the sender falls back by itself.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        assert gso_supported(sock)
+
+
+def test_data_frames_leave_in_gso_batches_yet_arrive_as_one_datagram_per_frame(start_sender) -> None:
+    data = os.urandom(1_500_000)  # 1,072 frames, the last one short (200 bytes)
+    sender, listener = start_sender(data, rate="100mbit", before_start=record_sends())
+    assembly = receive_image(listener, data)
+    assert sum(assembly.drops.values()) == 0
+    assert sender.stop()
+    heard = listener.listen(0.3)
+    stats = sender.stats()
+    assert stats.gso
+    data_sends = [(frames, gso) for frames, gso in sender._socket.calls if gso]
+    # 100 Mbit/s: half the token bucket (25,000 bytes) holds 17 datagrams of 1,444 bytes on the wire.
+    assert data_sends and max(frames for frames, _ in data_sends) == 17
+    assert sum(frames for frames, _ in sender._socket.calls) == stats.datagrams_sent
+    # What a receiver hears is ordinary datagrams, a frame each: full frames, and the short last one.
+    assert {item.size for item in heard if not item.is_metadata} <= {16 + 1400, 16 + len(data) % 1400}
+
+
+def test_unpaced_batches_hold_as_many_frames_as_one_gso_send_may() -> None:
+    assert batch_limit(datagram_size=16 + 1400, bucket=None) == GSO_MAX_BYTES // 1416 == 45
+    assert batch_limit(datagram_size=16 + 8192, bucket=None) == 7
+    assert batch_limit(datagram_size=16 + 200, bucket=None) == GSO_MAX_SEGMENTS
+    assert batch_limit(datagram_size=16 + 65_000, bucket=None) == 1  # one datagram: nothing to batch
+
+
+@pytest.mark.parametrize("rate", ["2k", "2mbit", "30mbit", "50mbit", "1gbit", "10gbit"])
+def test_a_paced_batch_never_takes_more_than_half_the_token_bucket(rate: str) -> None:
+    # So a dry bucket, which waits until it is half full, admits one whole batch each time it wakes, and the
+    # burst it bounds (pacing.BURST_SECONDS) is the same as one datagram per send.
+    bucket = TokenBucket(rate_bps=parse_rate(rate), largest_cost=1444, now=0.0)
+    limit = batch_limit(datagram_size=1416, bucket=bucket)
+    assert 1 <= limit <= 45
+    assert limit == 1 or limit * 1444 <= bucket.capacity / 2
+
+
+def test_a_kernel_that_refuses_gso_gets_one_datagram_per_send_and_every_frame_still_arrives(
+    start_sender, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = os.urandom(1_000_000)
+    with caplog.at_level(logging.WARNING, logger="vmcast.server.sender"):
+        sender, listener = start_sender(data, rate="100mbit", before_start=record_sends(refuse_gso=errno.EINVAL))
+        receive_image(listener, data)
+    assert sender.stop()
+    stats = sender.stats()
+    assert not stats.gso
+    assert stats.send_errors == 0, "a refused batch is sent again one by one, not counted as an error"
+    calls = sender._socket.calls
+    assert [gso for _, gso in calls].count(True) == 1, "GSO is tried once, then never again"
+    assert sum(frames for frames, gso in calls if not gso) == stats.datagrams_sent
+    assert len([record for record in caplog.records if "GSO refused" in record.getMessage()]) == 1
+
+
+def test_with_gso_off_every_datagram_leaves_in_a_send_of_its_own(start_sender) -> None:
+    sender, listener = start_sender(os.urandom(300_000), rate="0", gso=False, before_start=record_sends())
+    time.sleep(0.3)
+    assert sender.stop()
+    assert not sender.stats().gso
+    assert sender._socket.calls and all(call == (1, False) for call in sender._socket.calls)
+
+
+def test_repair_frames_are_batched_apart_on_the_repair_socket(start_sender) -> None:
+    data = os.urandom(3_000_000)  # 2,143 frames: 0.25 s a loop at 100 Mbit/s
+    sender, listener = start_sender(data, rate="100mbit", before_start=record_sends())
+    listener.listen(0.05)
+    asked = set(range(2_000, 2_100))
+    assert sender.submit_repair(RepairRequest(ranges=((2_000, 100),)))
+    heard = listener.listen(0.4)
+    carousel_port = next(item.source_port for item in heard if item.is_metadata)
+    repaired = [item.offset // 1400 for item in heard if item.source_port != carousel_port]
+    assert repaired and set(repaired) <= asked
+    assert sender.stats().repair_frames_sent == len(repaired)
+    assert max(frames for frames, gso in sender._repair_socket.calls if gso) > 1
+    assert not any(item.is_metadata for item in heard if item.source_port != carousel_port)
+
+
+def test_stop_returns_promptly_from_an_unpaced_batching_sender(start_sender) -> None:
+    sender, _ = start_sender(os.urandom(2_000_000), rate="0")
+    time.sleep(0.3)
+    assert sender.stats().gso
+    started = time.monotonic()
+    assert sender.stop(timeout=1.0)
+    assert time.monotonic() - started < 2 * STOP_CHECK_INTERVAL

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 from vmcast.server.cli import app
 
-from .server_testing import Images, MulticastListener, free_tcp_port, free_udp_port
+from .server_testing import Images, MulticastListener, ServerProcess, free_tcp_port, free_udp_port
 
 runner = CliRunner()
 
@@ -270,3 +270,17 @@ def test_an_unreachable_server_is_a_clear_message_and_a_non_zero_exit(command: l
         output
         == f"error: cannot reach the vmcast server at http://127.0.0.1:{port}: Connection refused (is `vmcast serve` running there?)"
     )
+
+
+def test_serve_no_gso_sends_one_datagram_per_system_call_and_says_so(
+    server_process: Callable[..., ServerProcess], images: Images, tmp_path: Path
+) -> None:
+    for options, batched in ((("--no-gso",), False), ((), True)):
+        server = server_process(*options, "--rate", "30mbit", cache_dir=tmp_path / f"cache-{batched}").start()
+        try:
+            started = httpx.post(f"{server.url}/v1/streams", json={"image": images.raw}, timeout=30).json()
+            with MulticastListener(started["group"], started["port"], started["cookie"]) as listener:
+                assert listener.listen(0.3), "the stream is on the wire either way"
+            assert httpx.get(f"{server.url}/v1/streams/{started['stream_id']}").json()["gso"] is batched
+        finally:
+            server.stop()

@@ -21,6 +21,7 @@ def test_defaults_stay_on_this_machine(tmp_path: Path) -> None:
     assert (settings.host, settings.port, settings.interface, settings.ttl) == ("127.0.0.1", 8470, "127.0.0.1", 1)
     assert settings.group_range == ipaddress.IPv4Network("239.255.0.0/16")
     assert (settings.mcast_port, settings.rate, settings.payload) == (8471, 1_000_000_000, 1400)
+    assert settings.gso, "UDP GSO batching is on unless asked off (the sender falls back by itself)"
     assert settings.cache_dir.name == "vmcast"
 
 
