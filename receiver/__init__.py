@@ -4,6 +4,10 @@
 * `agent`: one receive orchestrated with trio (lease, target, socket, pump, progress, watchdog, signals).
 * `pump`: the per-datagram loop, in one worker thread; `hashing`: the whole-image SHA-1 in another.
 * `multicast`: the group socket; `target`: the output and its safety checks; `lease`: the server's API.
+* `repair`: repair requests (NACKs) for lost frames; `fallback`: fetching blocks by HTTP Range instead.
+* `state`: the state file beside the output; `resume`: what a re-run does with it.
 * `progress`: progress on stderr; `errors`: the one root exception and the exit codes.
-* `verified`, `registration`: the verified-image type, and registering one into Glance or EC2.
+* `verified`, `registration`: the verified-image type, and registering one into Glance or EC2;
+  `registering`: ``vmcast receive --register``.
+* `interim`: stand-ins for protocol API that does not exist yet (to delete when it does).
 """

@@ -1,18 +1,29 @@
-"""One receive, orchestrated with trio: lease, target, socket, pump, progress, watchdog, signals.
+"""One receive, orchestrated with trio: lease, resume, target, socket, pump, repairs, fallback, state, signals.
 
 One nursery owns every task:
 
-* ``_watch_signals``: SIGINT/SIGTERM cancel the nursery, so every ``finally`` runs (the lease is released).
+* ``_watch_signals``: SIGINT/SIGTERM cancel the nursery, so every ``finally`` runs (the lease is released,
+  the state saved).
 * ``_hold_lease`` (server mode): takes the lease before its ``started()``, renews it every third of its
   TTL (taking it again, on the same stream, should it have ended), and releases it when cancelled
   (shielded, bounded by `RELEASE_TIMEOUT`), whatever ended the receive.
 * ``_run_pump``: runs `Pump.run` in one worker thread; when it returns (verified, failed or stopped) it
   cancels the nursery. The socket is bound and the group joined before it starts, and before `receive`
-  calls ``task_status.started()``: from then on datagrams queue in the socket buffer.
+  calls ``task_status.started()``: from then on datagrams queue in the socket buffer. In server mode the
+  pump also follows the carousel and sends repair requests (`repair`).
 * ``_stop_pump_when_cancelled``: turns a cancellation into `Pump.stop` (the pump's thread is not
   cancellable: it must flush and close what it owns).
-* ``_watchdog``: stops the pump with `NoData` when nothing of the stream arrived for ``timeout`` seconds.
+* ``_watchdog``: stops the pump with `NoData` when nothing of the stream arrived, by multicast or by the
+  HTTP fallback, for ``timeout`` seconds.
+* `fallback.fetch_when_needed` (server mode): fetches blocks by HTTP when multicast brings nothing, and in
+  the end game.
+* ``_keep_state``: saves the state file (`state`) every `state.CHECKPOINT_INTERVAL`; `receive` saves it once
+  more when every task has ended, whatever ended the receive.
 * `progress.show_progress`, when asked for.
+
+Before joining, the state file beside the output decides what is resumed (`resume`): the assembly starts
+from its checkpoint, the output is written in place, and an output already verified is hashed again instead
+of received (``task_status.started(None)`` then: nothing is joined).
 
 In server mode the target is checked and opened as soon as the lease gives the image length, before the
 group is joined; without a server, the target is checked before joining and opened when the first
@@ -24,7 +35,8 @@ interval's worth; the stream's own metadata must then agree (`Pump`).
 
 Error handling: `receive` raises one `ReceiveError` (see `errors` for which means what); a bug surfaces as
 an exception group from the nursery.
-Resource handling: the HTTP client, the socket and the target are closed before `receive` returns.
+Resource handling: the HTTP client, the sockets and the target are closed before `receive` returns, the
+target last (after the final state save, which fsyncs it).
 """
 
 from __future__ import annotations
@@ -33,6 +45,8 @@ import functools
 import logging
 import signal
 import threading
+import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -40,10 +54,13 @@ from typing import TextIO
 import httpx
 import trio
 from vmcast.protocol import PROTOCOL_VERSION, Assembly, StreamMetadata, encode_metadata
+from vmcast.protocol.repair import REREQUEST_AFTER
 
 from .errors import Interrupted, JoinFailed, NoData, ReceiveError, StreamBroken
+from .fallback import FallbackSettings, FallbackStats, fetch_when_needed
 from .lease import Lease, LeaseClient
 from .multicast import (
+    RECEIVE_BUFFER,
     GroupSocket,
     kernel_drops,
     open_group_socket,
@@ -51,8 +68,19 @@ from .multicast import (
 )
 from .progress import show_progress
 from .pump import Phase, Pump, PumpResult
+from .repair import Repairs, open_request_socket, resolve_repair_address
+from .resume import ResumePlan, image_changed, plan_for_group, plan_for_lease
+from .state import (
+    CHECKPOINT_INTERVAL,
+    ImageIdentity,
+    ReceiverState,
+    StateKeeper,
+    StreamSource,
+    read_state,
+    state_path,
+)
 from .target import Target, check_target, open_target
-from .verified import VerifiedImage
+from .verified import VerifiedImage, verify_file
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +95,9 @@ WATCHDOG_INTERVAL = 0.25
 
 # Joining on INADDR_ANY lets the kernel pick the interface from its routing table.
 ANY_INTERFACE = "0.0.0.0"
+
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_FALLBACK_AFTER = 10.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -101,10 +132,18 @@ class ReceiveRequest:
     """Path of the regular file or block device to write."""
     interface: str | None = None
     """Local address to join on; None: the one the kernel routes to the server (or the group) through."""
-    timeout: float = 30.0
-    """Seconds without a datagram of the stream before giving up (`NoData`)."""
+    timeout: float = DEFAULT_TIMEOUT
+    """Seconds in which nothing of the stream arrives (by multicast, or by the HTTP fallback) before giving
+    up (`NoData`). With a server it should exceed `fallback_after`, or the receive gives up first."""
     force: bool = False
     """Write a block device that is in use, or overwrite a non-empty file."""
+    rcvbuf: int = RECEIVE_BUFFER
+    """Receive buffer to ask the kernel for, in bytes."""
+    repair: bool = True
+    """Send repair requests for lost frames (server mode, when the server takes them)."""
+    fallback_after: float | None = DEFAULT_FALLBACK_AFTER
+    """Server mode: seconds without anything of the stream by multicast before fetching the image by HTTP;
+    None: never fetch by HTTP (not even the end game)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -127,18 +166,19 @@ class ReceiveResult:
     bytes: int
     """Image length."""
     seconds: float
-    """From joining the group to the target synced."""
+    """From joining the group to the target synced (for a re-verification: the hashing)."""
     output: str
     """The file or device written."""
     group: str
     port: int
-    interface: str
+    interface: str | None
+    """The local address joined on (None: nothing was joined, the output was verified already)."""
     rcvbuf: int
-    """Receive buffer as the kernel reported it."""
+    """Receive buffer as the kernel reported it (0: nothing joined)."""
     datagrams: int
     """Datagrams read, ours or not."""
     duplicates: int
-    """Data frames of bytes already held (a later loop, a late join)."""
+    """Data frames of bytes already held (a later loop, a late join, blocks verified before a resume)."""
     drops: dict[str, int] = field(default_factory=dict)
     """Datagrams dropped by reason (`vmcast.protocol.DropReason` values)."""
     corrupt_blocks: int = 0
@@ -153,6 +193,28 @@ class ReceiveResult:
     """Format of the bytes received (raw, qcow2), as the lease or the stream said."""
     pump_cpu_seconds: float = 0.0
     """CPU time of the datagram loop's thread (hashing runs in another)."""
+    resumed_blocks: int = 0
+    """Blocks verified by an interrupted receive and not received again."""
+    bytes_received: int = 0
+    """Image bytes received in this run, by multicast and by HTTP (less than `bytes` after a resume)."""
+    repair_requests: int = 0
+    """Repair requests sent to the server."""
+    repair_frames_requested: int = 0
+    """Frames those requests asked for."""
+    repair_send_errors: int = 0
+    """Repair requests that could not be sent."""
+    fallback_reason: str | None = None
+    """Why blocks were fetched by HTTP (``no_multicast``, ``endgame``), None if none were."""
+    fallback_blocks: int = 0
+    """Blocks fetched by HTTP and accepted."""
+    fallback_bytes: int = 0
+    """Their bytes."""
+    fallback_errors: int = 0
+    """HTTP fallback requests that failed (and were retried)."""
+    already_verified: bool = False
+    """The output was verified by an earlier receive and only hashed again now."""
+    state_file: str | None = None
+    """The state file beside the output (``vmcast register`` reads it)."""
     proof: VerifiedImage | None = field(default=None, repr=False, compare=False)
     """The output as a `VerifiedImage`, what cloud registration accepts (made only on success)."""
 
@@ -182,6 +244,17 @@ class ReceiveResult:
             "image_mismatches": self.image_mismatches,
             "kernel_drops": self.kernel_drops,
             "pump_cpu_seconds": round(self.pump_cpu_seconds, 3),
+            "resumed_blocks": self.resumed_blocks,
+            "bytes_received": self.bytes_received,
+            "repair_requests": self.repair_requests,
+            "repair_frames_requested": self.repair_frames_requested,
+            "repair_send_errors": self.repair_send_errors,
+            "fallback_reason": self.fallback_reason,
+            "fallback_blocks": self.fallback_blocks,
+            "fallback_bytes": self.fallback_bytes,
+            "fallback_errors": self.fallback_errors,
+            "already_verified": self.already_verified,
+            "state_file": self.state_file,
         }
 
 
@@ -197,24 +270,54 @@ class _Outcome:
             self.error = error
 
 
+@dataclass(slots=True)
+class _Run:
+    """What the tasks of one receive share, and what `receive` needs once they have all ended."""
+
+    request: ReceiveRequest
+    pump: Pump | None = None
+    keeper: StateKeeper | None = None
+    target: Target | None = None
+    """The target opened before the pump (server mode); without a server, the pump opens it."""
+    repairs: Repairs | None = None
+    fallback: FallbackStats = field(default_factory=FallbackStats)
+
+    def current_target(self) -> Target | None:
+        if self.target is not None:
+            return self.target
+        return self.pump.target if self.pump is not None else None
+
+    def close_target(self) -> None:
+        target = self.current_target()
+        if target is not None:
+            target.close()
+
+
 async def receive(
     request: ReceiveRequest,
     *,
     progress: TextIO | None = None,
     interactive: bool = False,
-    task_status: trio.TaskStatus[Joined] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[Joined | None] = trio.TASK_STATUS_IGNORED,
 ) -> ReceiveResult:
     """Receive, verify and sync one image; progress on `progress` (a rich bar if `interactive`)."""
     outcome = _Outcome()
-    async with AsyncExitStack() as resources, trio.open_nursery() as nursery:
-        await nursery.start(_watch_signals, outcome, nursery.cancel_scope)
+    run = _Run(request=request)
+    async with AsyncExitStack() as resources:
+        resources.callback(run.close_target)  # last: after the final state save below
         try:
-            joined = await _start(request, nursery, resources, outcome, progress=progress, interactive=interactive)
-        except ReceiveError as error:
-            outcome.fail(error)
-            nursery.cancel_scope.cancel()
-        else:
-            task_status.started(joined)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(_watch_signals, outcome, nursery.cancel_scope)
+                try:
+                    joined = await _start(run, nursery, resources, outcome, progress=progress, interactive=interactive)
+                except ReceiveError as error:
+                    outcome.fail(error)
+                    nursery.cancel_scope.cancel()
+                else:
+                    task_status.started(joined)
+        finally:
+            with trio.CancelScope(shield=True):
+                await _save_state_at_exit(run, outcome)
     if outcome.error is not None:
         raise outcome.error
     if outcome.result is None:
@@ -222,39 +325,153 @@ async def receive(
     return outcome.result
 
 
-async def _start(request: ReceiveRequest, nursery: trio.Nursery, resources: AsyncExitStack, outcome: _Outcome, *, progress: TextIO | None, interactive: bool) -> Joined:
-    source = request.source
-    image_name = image_format = None
-    if isinstance(source, FromServer):
-        client = await resources.enter_async_context(httpx.AsyncClient())
-        leases = LeaseClient(server=source.server, client=client)
-        lease: Lease = await nursery.start(_hold_lease, leases, source.image, source.format, outcome, nursery.cancel_scope)
-        log.info("lease %s: image %s (%d bytes) on %s:%d", lease.lease_id, lease.image, lease.length, lease.group, lease.port)
-        image_name, image_format, group, port, cookie = lease.image, lease.format, lease.group, lease.port, lease.cookie_bytes
-        target = await trio.to_thread.run_sync(functools.partial(open_target, request.output, length=lease.length, force=request.force))
-        resources.callback(target.close)
-        opener = functools.partial(_leased_target, lease=lease, target=target)
-        expected = _expected_metadata(lease)
-        interface = request.interface or await trio.to_thread.run_sync(route_source_address, httpx.URL(source.server).host) or ANY_INTERFACE
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Source:
+    """What `_start` needs to join, from a lease or from the command line."""
+
+    group: str
+    port: int
+    cookie: bytes
+    interface: str
+    plan: ResumePlan
+    open_target: Callable[[StreamMetadata], Target]
+    expected: bytes | None = None
+    lease: Lease | None = None
+    client: httpx.AsyncClient | None = None
+
+
+async def _start(run: _Run, nursery: trio.Nursery, resources: AsyncExitStack, outcome: _Outcome, *, progress: TextIO | None, interactive: bool) -> Joined | None:
+    """Everything up to the join, then the tasks; None when the output was verified already (nothing joined)."""
+    request = run.request
+    if isinstance(request.source, FromServer):
+        source = await _from_lease(run, request.source, nursery, resources, outcome)
     else:
-        group, port, cookie = source.group, source.port, source.cookie
-        expected = None
-        await trio.to_thread.run_sync(functools.partial(check_target, request.output, force=request.force))
-        opener = functools.partial(_open_when_known, path=request.output, force=request.force)
-        interface = request.interface or await trio.to_thread.run_sync(route_source_address, group) or ANY_INTERFACE
+        source = await _from_group(run, request.source, outcome, nursery)
+    if source is None:
+        return None
+    group, port, interface = source.group, source.port, source.interface
     try:
-        group_socket = open_group_socket(group=group, port=port, interface=interface)
+        group_socket = open_group_socket(group=group, port=port, interface=interface, receive_buffer=request.rcvbuf)
     except OSError as error:
         raise JoinFailed(group=group, port=port, interface=interface, error=error) from error
     resources.callback(group_socket.sock.close)
     log.info("joined %s:%d on %s, receive buffer %d bytes", group, port, interface, group_socket.rcvbuf)
-    pump = Pump(sock=group_socket.sock, assembly=Assembly(cookie=cookie), open_target=opener, expected=expected)
+    assembly = Assembly(cookie=source.cookie, checkpoint=source.plan.checkpoint)
+    pump = Pump(sock=group_socket.sock, assembly=assembly, open_target=source.open_target, expected=source.expected, repairs=run.repairs)
+    run.pump = pump
+    lease = source.lease
+    fallback = lease is not None and request.fallback_after is not None
     nursery.start_soon(_stop_pump_when_cancelled, pump)
-    nursery.start_soon(_watchdog, pump, outcome, request.timeout, group_socket)
+    nursery.start_soon(_watchdog, pump, outcome, request.timeout, group_socket, fallback)
+    nursery.start_soon(_keep_state, run)
+    if fallback:
+        settings = FallbackSettings(
+            data_url=f"{request.source.server}/v1/streams/{lease.stream_id}/data", after=request.fallback_after,
+            endgame_grace=REREQUEST_AFTER if run.repairs is not None and run.repairs.asks else 0.0,
+        )  # fmt: skip
+        nursery.start_soon(fetch_when_needed, pump, source.client, settings, run.fallback)
     if progress is not None:
         nursery.start_soon(functools.partial(show_progress, pump, file=progress, interactive=interactive))
-    nursery.start_soon(_run_pump, pump, group_socket, outcome, nursery.cancel_scope, request.output, image_name, image_format)
+    image, image_format = (lease.image, lease.format) if lease is not None else (None, None)
+    nursery.start_soon(_run_pump, run, group_socket, outcome, nursery.cancel_scope, image, image_format)
     return Joined(group=group, port=port, interface=interface, rcvbuf=group_socket.rcvbuf)
+
+
+async def _from_lease(run: _Run, source: FromServer, nursery: trio.Nursery, resources: AsyncExitStack, outcome: _Outcome) -> _Source | None:
+    """Server mode: the lease, the resume plan, the target opened, the repairs; None if already verified."""
+    request = run.request
+    client = await resources.enter_async_context(httpx.AsyncClient())
+    leases = LeaseClient(server=source.server, client=client)
+    lease: Lease = await nursery.start(_hold_lease, leases, source.image, source.format, outcome, nursery.cancel_scope)
+    log.info("lease %s: image %s (%d bytes) on %s:%d", lease.lease_id, lease.image, lease.length, lease.group, lease.port)
+    state = await trio.to_thread.run_sync(read_state, request.output)
+    plan = plan_for_lease(
+        state, image=lease.image, format=lease.format, sha1=lease.sha1, length=lease.length,
+        frame_size=lease.frame_size, block_size=lease.block_size, path=request.output,
+    )  # fmt: skip
+    if plan.note:
+        log.info("%s", plan.note)
+    if plan.reverify:
+        result = await _reverify(request, plan.previous, group=lease.group, port=lease.port, image=lease.image, format=lease.format)
+        if result is not None:
+            outcome.result = result
+            nursery.cancel_scope.cancel()  # releases the lease
+            return None
+        plan = plan.starting_over()
+    target = await trio.to_thread.run_sync(functools.partial(open_target, request.output, length=lease.length, force=request.force, reuse=plan.reuse_file))
+    run.target = target
+    run.keeper = StateKeeper(
+        output=request.output, carried=plan.checkpoint,
+        source=StreamSource(server=source.server, stream_id=lease.stream_id, image=lease.image, format=lease.format, group=lease.group, port=lease.port, cookie=lease.cookie),
+    )  # fmt: skip
+    run.keeper.identify(ImageIdentity(sha1=lease.sha1, length=lease.length, frame_size=lease.frame_size, block_size=lease.block_size))
+    await trio.to_thread.run_sync(functools.partial(run.keeper.save, assembly=None, target=None))  # a re-run knows the file is ours
+    interface = request.interface or await trio.to_thread.run_sync(route_source_address, httpx.URL(source.server).host) or ANY_INTERFACE
+    run.repairs = await _repairs(request, lease, source.server, resources)
+    return _Source(
+        group=lease.group, port=lease.port, cookie=lease.cookie_bytes, interface=interface, plan=plan,
+        open_target=functools.partial(_leased_target, lease=lease, target=target), expected=_expected_metadata(lease),
+        lease=lease, client=client,
+    )  # fmt: skip
+
+
+async def _from_group(run: _Run, source: FromGroup, outcome: _Outcome, nursery: trio.Nursery) -> _Source | None:
+    """Without a server: the resume plan and the target checked (opened at the first metadata); None if already verified."""
+    request = run.request
+    state = await trio.to_thread.run_sync(read_state, request.output)
+    plan = plan_for_group(state, group=source.group, port=source.port, cookie=source.cookie.hex(), path=request.output)
+    if plan.note:
+        log.info("%s", plan.note)
+    if plan.reverify:
+        result = await _reverify(request, plan.previous, group=source.group, port=source.port, image=None, format=None)
+        if result is not None:
+            outcome.result = result
+            nursery.cancel_scope.cancel()
+            return None
+        plan = plan.starting_over()
+    await trio.to_thread.run_sync(functools.partial(check_target, request.output, force=request.force, reuse=plan.reuse_file))
+    run.keeper = StateKeeper(
+        output=request.output, carried=plan.checkpoint,
+        source=StreamSource(server=None, stream_id=None, image=None, format=None, group=source.group, port=source.port, cookie=source.cookie.hex()),
+    )  # fmt: skip
+    interface = request.interface or await trio.to_thread.run_sync(route_source_address, source.group) or ANY_INTERFACE
+    return _Source(
+        group=source.group, port=source.port, cookie=source.cookie, interface=interface, plan=plan,
+        open_target=functools.partial(_open_when_known, path=request.output, force=request.force, plan=plan, keeper=run.keeper),
+    )  # fmt: skip
+
+
+async def _repairs(request: ReceiveRequest, lease: Lease, server: str, resources: AsyncExitStack) -> Repairs:
+    """Server mode: the carousel is always followed (the end game needs it); requests only if asked for and possible."""
+    address = None
+    if request.repair and lease.repair_port is not None:
+        address = await trio.to_thread.run_sync(resolve_repair_address, httpx.URL(server).host, lease.repair_port)
+    sock = None
+    if address is not None:
+        sock = open_request_socket()
+        resources.callback(sock.close)
+        log.info("repair requests go to %s:%d", address.host, address.port)
+    return Repairs(cookie=lease.cookie_bytes, address=address, sock=sock)
+
+
+async def _reverify(request: ReceiveRequest, previous: ReceiverState, *, group: str, port: int, image: str | None, format: str | None) -> ReceiveResult | None:
+    """Hash an output an earlier receive verified; its result, or None (logged) when it no longer matches."""
+    started = time.monotonic()
+    try:
+        proof = await trio.to_thread.run_sync(functools.partial(
+            verify_file, request.output, expected_sha1=previous.sha1, expected_size=previous.length,
+            format=format or previous.format, source=image or previous.image,
+        ))  # fmt: skip
+    except ReceiveError as error:
+        log.warning("%s no longer holds the image it was verified as (%s): receiving it again", request.output, error)
+        return None
+    log.info("%s is verified (sha1 %s); nothing to receive", request.output, proof.sha1)
+    return ReceiveResult(
+        sha1=proof.sha1, bytes=proof.size, seconds=time.monotonic() - started, output=request.output,
+        group=group, port=port, interface=None, rcvbuf=0, datagrams=0, duplicates=0,
+        image=image or previous.image, format=proof.format, resumed_blocks=previous.block_count or 0,
+        already_verified=True, state_file=str(state_path(request.output)), proof=proof,
+    )  # fmt: skip
 
 
 def _expected_metadata(lease: Lease) -> bytes | None:
@@ -282,12 +499,22 @@ def _leased_target(metadata: StreamMetadata, *, lease: Lease, target: Target) ->
     return target
 
 
-def _open_when_known(metadata: StreamMetadata, *, path: str, force: bool) -> Target:
+def _open_when_known(metadata: StreamMetadata, *, path: str, force: bool, plan: ResumePlan, keeper: StateKeeper) -> Target:
     """(In the pump's thread.) The target opened for the length the first metadata announced."""
-    return open_target(path, length=metadata.length, force=force)
+    changed = image_changed(plan, sha1=metadata.sha1, length=metadata.length)
+    if changed:
+        log.info("%s", changed)
+    target = open_target(path, length=metadata.length, force=force, reuse=plan.reuse_file)
+    keeper.identify(ImageIdentity(
+        sha1=metadata.sha1, length=metadata.length, frame_size=metadata.frame_size, block_size=metadata.block_size,
+        image=metadata.name, format=metadata.format,
+    ))  # fmt: skip
+    keeper.save(assembly=None, target=None)  # a re-run knows the file is ours
+    return target
 
 
-async def _run_pump(pump: Pump, group_socket: GroupSocket, outcome: _Outcome, cancel_scope: trio.CancelScope, output: str, image: str | None, image_format: str | None) -> None:
+async def _run_pump(run: _Run, group_socket: GroupSocket, outcome: _Outcome, cancel_scope: trio.CancelScope, image: str | None, image_format: str | None) -> None:
+    pump = run.pump
     try:
         result: PumpResult | None = await trio.to_thread.run_sync(pump.run)
     except ReceiveError as error:
@@ -295,9 +522,11 @@ async def _run_pump(pump: Pump, group_socket: GroupSocket, outcome: _Outcome, ca
     else:
         if result is not None and outcome.error is None:
             image_format = image_format or result.format
+            output = run.request.output
             # The pump compared the SHA-1 of the bytes as written and read back with the announced one, and
             # synced the target: the condition `_from_receiver` states.
             proof = VerifiedImage._from_receiver(path=output, sha1=result.sha1, size=result.length, format=image_format, source=image)
+            repairs = run.repairs
             outcome.result = ReceiveResult(
                 sha1=result.sha1,
                 bytes=result.length,
@@ -316,12 +545,40 @@ async def _run_pump(pump: Pump, group_socket: GroupSocket, outcome: _Outcome, ca
                 image=image,
                 format=image_format,
                 pump_cpu_seconds=result.cpu_seconds,
+                resumed_blocks=result.resumed_blocks,
+                bytes_received=result.multicast_bytes + result.fetched_bytes,
+                repair_requests=repairs.requests_sent if repairs is not None else 0,
+                repair_frames_requested=repairs.frames_requested if repairs is not None else 0,
+                repair_send_errors=repairs.send_errors if repairs is not None else 0,
+                fallback_reason=run.fallback.reason if result.fetched_blocks else None,
+                fallback_blocks=result.fetched_blocks,
+                fallback_bytes=result.fetched_bytes,
+                fallback_errors=run.fallback.errors,
+                state_file=str(state_path(output)),
                 proof=proof,
             )
     finally:
-        if pump.target is not None:
-            pump.target.close()
         cancel_scope.cancel()
+
+
+async def _keep_state(run: _Run) -> None:
+    """Save the state every `CHECKPOINT_INTERVAL` while receiving (the keeper skips saves that change nothing)."""
+    while True:
+        await trio.sleep(CHECKPOINT_INTERVAL)
+        pump, keeper = run.pump, run.keeper
+        if pump is None or keeper is None or pump.phase is Phase.VERIFIED:
+            continue
+        await trio.to_thread.run_sync(functools.partial(keeper.save, assembly=pump.assembly, target=run.current_target()))
+
+
+async def _save_state_at_exit(run: _Run, outcome: _Outcome) -> None:
+    """Every task has ended (the pump's thread too): save where the receive got, whatever ended it."""
+    keeper = run.keeper
+    if keeper is None or (outcome.result is not None and outcome.result.already_verified):
+        return
+    verified = outcome.result is not None and outcome.error is None
+    assembly = run.pump.assembly if run.pump is not None else None
+    await trio.to_thread.run_sync(functools.partial(keeper.save, assembly=assembly, target=run.current_target(), verified=verified))
 
 
 async def _stop_pump_when_cancelled(pump: Pump) -> None:
@@ -331,11 +588,12 @@ async def _stop_pump_when_cancelled(pump: Pump) -> None:
         pump.stop()
 
 
-async def _watchdog(pump: Pump, outcome: _Outcome, timeout: float, group_socket: GroupSocket) -> None:
-    """Stop the pump when the stream shows no sign of life (no metadata, no data, not even duplicates)."""
+async def _watchdog(pump: Pump, outcome: _Outcome, timeout: float, group_socket: GroupSocket, fallback: bool) -> None:
+    """Stop the pump when the stream shows no sign of life: no metadata, no data, not even duplicates, and no
+    block from the HTTP fallback either."""
 
-    def signs() -> tuple[int, int, int]:
-        return pump.metadata_frames, pump.assembly.received_bytes, pump.assembly.duplicates
+    def signs() -> tuple[int, ...]:
+        return pump.metadata_frames, pump.assembly.received_bytes, pump.assembly.duplicates, pump.fetched_bytes, pump.queued_blocks
 
     last, since = signs(), trio.current_time()
     while True:
@@ -344,7 +602,7 @@ async def _watchdog(pump: Pump, outcome: _Outcome, timeout: float, group_socket:
         if seen != last or pump.phase not in (Phase.WAITING, Phase.RECEIVING):
             last, since = seen, now  # hashing and syncing read no datagrams: not a silence
         elif now - since >= timeout:
-            outcome.fail(NoData(timeout=timeout, group=group_socket.group, port=group_socket.port, interface=group_socket.interface))
+            outcome.fail(NoData(timeout=timeout, group=group_socket.group, port=group_socket.port, interface=group_socket.interface, fallback=fallback))
             pump.stop()
             return
 

@@ -12,8 +12,11 @@ code  meaning
 3     target refused before a byte was written (`TargetRefused`)
 4     verification failed for good, or the stream failed (`StreamBroken`, e.g. the image changed)
 5     server unreachable, or it answered with an error (`ServerError`)
-6     no datagram of the stream arrived within ``--timeout`` seconds (`NoData`)
-130   interrupted by SIGINT or SIGTERM (`Interrupted`); the lease is still released
+6     nothing of the stream arrived (by multicast, or by the HTTP fallback) within ``--timeout`` seconds (`NoData`)
+7-10  ``--register`` only: the image was verified and kept, but registering it failed
+      (`vmcast.receiver.registration.errors`: 7 format refused, 8 credentials, 9 the cloud failed, 10 and
+      its clean-up failed too); 4 also covers a file that changed between its verification and the upload
+130   interrupted by SIGINT or SIGTERM (`Interrupted`); the lease is still released and the state saved
 ====  ==========================================================================================
 """
 
@@ -102,13 +105,15 @@ class ServerError(ReceiveError):
 
 
 class NoData(ReceiveError):
-    """Nothing of the stream (no metadata, no data) arrived for `timeout` seconds."""
+    """Nothing of the stream (no metadata, no data, nothing by the HTTP fallback) arrived for `timeout` seconds."""
 
     exit_code = EXIT_NO_DATA
 
-    def __init__(self, *, timeout: float, group: str, port: int, interface: str) -> None:
-        super().__init__(f"no datagram of the stream on {group}:{port} (interface {interface}) within {timeout:g} s")
+    def __init__(self, *, timeout: float, group: str, port: int, interface: str, fallback: bool = False) -> None:
+        also = " and nothing by the HTTP fallback" if fallback else ""
+        super().__init__(f"no datagram of the stream on {group}:{port} (interface {interface}){also} within {timeout:g} s")
         self.timeout = timeout
+        self.fallback = fallback
         self.group = group
         self.port = port
         self.interface = interface

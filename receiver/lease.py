@@ -51,6 +51,8 @@ class Lease(BaseModel):
     """Checksum block size, when the server says (it lets the receiver start before the first metadata)."""
     lease_ttl: Annotated[float | None, Field(gt=0)] = None
     """Seconds the lease lives without a renewal; None: it lives until released."""
+    repair_port: Annotated[int | None, Field(ge=1, le=65535)] = None
+    """UDP port, on the server's host, that takes repair requests (docs/PROTOCOL.md section 7); None: none."""
     image: str
     """Image name."""
     format: str
@@ -91,11 +93,11 @@ class LeaseClient:
         url = f"{self.server}/v1/streams"
         response = await self._request("POST", url, json={"image": image, "format": format})
         if response.status_code == 404:
-            raise ServerError(url=url, status=404, reason=f"no image {image!r} ({_detail(response)})")
+            raise ServerError(url=url, status=404, reason=f"no image {image!r} ({response_detail(response)})")
         if response.status_code == 422:
-            raise ServerError(url=url, status=422, reason=f"refused format {format!r} for {image!r} ({_detail(response)})")
+            raise ServerError(url=url, status=422, reason=f"refused format {format!r} for {image!r} ({response_detail(response)})")
         if response.status_code != 201:
-            raise ServerError(url=url, status=response.status_code, reason=_detail(response))
+            raise ServerError(url=url, status=response.status_code, reason=response_detail(response))
         try:
             return Lease.model_validate_json(response.content)
         except pydantic.ValidationError as error:
@@ -108,14 +110,14 @@ class LeaseClient:
         if response.status_code == 404:
             return False
         if response.status_code != 200:
-            raise ServerError(url=url, status=response.status_code, reason=_detail(response))
+            raise ServerError(url=url, status=response.status_code, reason=response_detail(response))
         return True
 
     async def release(self, lease_id: str) -> None:
         url = f"{self.server}/v1/leases/{lease_id}"
         response = await self._request("DELETE", url)
         if response.status_code not in (200, 202, 204, 404):
-            raise ServerError(url=url, status=response.status_code, reason=_detail(response))
+            raise ServerError(url=url, status=response.status_code, reason=response_detail(response))
 
     async def _request(self, method: str, url: str, **kwargs: object) -> httpx.Response:
         try:
@@ -124,7 +126,8 @@ class LeaseClient:
             raise ServerError(url=url, reason=f"unreachable: {error or type(error).__name__}") from error
 
 
-def _detail(response: httpx.Response) -> str:
+def response_detail(response: httpx.Response) -> str:
+    """The server's ``detail`` (FastAPI's error body), else the start of the body, else the reason phrase."""
     try:
         detail = response.json()["detail"]
     except (ValueError, KeyError, TypeError):

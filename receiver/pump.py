@@ -16,8 +16,20 @@ image in order in a second thread. When the last block is verified the loop asks
 forgotten by the assembly: the loop keeps receiving and takes it again from a later loop of the sender,
 up to `MAX_CORRUPT_REPEATS` times for one block and `MAX_IMAGE_MISMATCHES` for the image.
 
+Repairs and the HTTP fallback (server mode): the loop follows the carousel for `repair.Repairs` (the source
+port of one datagram in `repair.OBSERVE_EVERY`, compared with that of the stream's metadata frames: repair
+frames come from another port, docs/PROTOCOL.md section 7) and, every `TICK_EVERY` datagrams and on every
+receive timeout, does its housekeeping: it polls the repair planner and applies blocks fetched by HTTP
+(`deliver_block`, from `vmcast.receiver.fallback`): each is written at its offset, read back and judged by the
+assembly like a block that came by multicast.
+
+Resume: an assembly built from a checkpoint already holds the blocks verified before; the SHA-1 cursor is
+told about them when it starts, and reads them back from the target when it reaches them, so the final
+SHA-1 covers the whole image.
+
 Progress is shared by plain attributes (`phase`, `datagrams`, `metadata_frames`, the assembly's counters,
-`hashed_bytes`), written here and read by the progress task; no lock, since each is a single int or str.
+`hashed_bytes`, `multicast_bytes`, `fetched_bytes`), written here and read by other tasks; no lock, since each
+is a single int or str. `deliver_block` is the one method other threads call (a deque append).
 
 Error handling: `run` raises `ReceiveError` subclasses: `TargetRefused` (from `open_target`), `StreamBroken`,
 `TargetIOError`, `TargetBoundsError`. It returns None when stopped before completion.
@@ -27,6 +39,7 @@ belong to the caller.
 
 from __future__ import annotations
 
+import collections
 import enum
 import logging
 import socket
@@ -36,10 +49,12 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from bitarray import bitarray
 from vmcast.protocol import (
     HEADER_SIZE,
     Assembly,
     AssemblyState,
+    BlockCorrupt,
     BlockVerified,
     DataReceived,
     Duplicate,
@@ -49,8 +64,10 @@ from vmcast.protocol import (
     StreamMetadata,
 )
 
+from . import interim
 from .errors import StreamBroken
 from .hashing import Sha1Cursor
+from .repair import OBSERVE_EVERY, Repairs
 from .target import Target
 
 log = logging.getLogger(__name__)
@@ -73,6 +90,14 @@ MAX_IMAGE_MISMATCHES = 3
 # announcing blocks larger than this is refused rather than allowed to make us allocate that much. Senders
 # aim at 1 MiB (`vmcast.protocol.metadata.TARGET_BLOCK_SIZE`).
 MAX_BLOCK_SIZE = 64 << 20
+
+# Housekeeping (repair planner, blocks fetched by HTTP) every this many datagrams, and on every receive
+# timeout: at ~5 µs a datagram that is every ~80 µs while data flows, and one clock read per 16 datagrams.
+TICK_EVERY = 16
+
+# Blocks fetched by HTTP wait for the pump in a queue of at most this many (the fetcher waits when it is
+# full): 16 MiB at the usual 1 MiB blocks.
+MAX_QUEUED_BLOCKS = 16
 
 
 class Phase(enum.Enum):
@@ -109,6 +134,16 @@ class PumpResult:
     """Blocks that read back wrong and were taken again."""
     image_mismatches: int
     """Times the whole image read back with the wrong SHA-1 and was taken again."""
+    resumed_blocks: int
+    """Blocks verified by an earlier, interrupted receive (from the checkpoint), not received again."""
+    multicast_bytes: int
+    """Image bytes written from multicast datagrams in this run."""
+    fetched_blocks: int
+    """Blocks fetched by HTTP and accepted (verified or not) in this run."""
+    fetched_bytes: int
+    """Their bytes."""
+    zero_blocks: int
+    """Blocks the stream announced as all zeros (never sent) and that were zeroed on the target."""
 
 
 class Pump:
@@ -123,9 +158,11 @@ class Pump:
     instead of dropped until the sender's next metadata. The stream's own metadata must agree with it, field
     by field, or the stream fails (the assembly's conflict rule); and it must carry block checksums if
     `expected` announced a block size, or the blocks could never be checked: that fails the stream too.
+
+    `repairs`, when given (server mode), follows the carousel and sends repair requests (see `repair`).
     """
 
-    def __init__(self, *, sock: socket.socket, assembly: Assembly, open_target: Callable[[StreamMetadata], Target], expected: bytes | None = None, stage_size: int = STAGE_SIZE) -> None:
+    def __init__(self, *, sock: socket.socket, assembly: Assembly, open_target: Callable[[StreamMetadata], Target], expected: bytes | None = None, repairs: Repairs | None = None, stage_size: int = STAGE_SIZE) -> None:
         self.assembly = assembly
         self._expected = expected
         self._confirm_expected = expected is not None
@@ -139,10 +176,23 @@ class Pump:
         self._scratch: bytearray | None = None
         self._corrupt_repeats: Counter[int] = Counter()
         self._image_mismatches = 0
+        self._verified_sha1: str | None = None
+        self._finished_at = 0.0
         self._result: PumpResult | None = None
+        self._fetched: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._resume_noted = False
+        self.repairs = repairs
         self.phase = Phase.WAITING
         self.datagrams = 0
         self.metadata_frames = 0
+        self.multicast_bytes = 0
+        """Image bytes written from multicast (counted when flushed)."""
+        self.fetched_blocks = 0
+        self.fetched_bytes = 0
+        self.fetched_discarded = 0
+        """Fetched blocks thrown away: verified by multicast meanwhile, or of the wrong length."""
+        self.zero_blocks = 0
+        """Blocks the stream announced as all zeros (never sent), zeroed on the target."""
         self.started_at: float | None = None
         self._cpu_started_at = 0.0
 
@@ -163,6 +213,19 @@ class Pump:
     def stopped(self) -> bool:
         return self._stop
 
+    def heard_the_stream(self) -> bool:
+        """Whether anything of the stream came by multicast: metadata, new data or duplicates (any thread)."""
+        return bool(self.metadata_frames or self.multicast_bytes or self.assembly.duplicates)
+
+    def deliver_block(self, block: int, data: bytes) -> None:
+        """(Any thread.) The bytes of `block`, fetched out of band: the pump writes and judges them soon."""
+        self._fetched.append((block, data))
+
+    @property
+    def queued_blocks(self) -> int:
+        """Delivered blocks the pump has not applied yet."""
+        return len(self._fetched)
+
     def run(self) -> PumpResult | None:
         """Receive until the image is verified (its result) or `stop` (None)."""
         self.started_at = time.monotonic()
@@ -173,78 +236,161 @@ class Pump:
             if self._cursor is not None:
                 self._cursor.close()
                 self._cursor_thread.join()
+        if self._verified_sha1 is not None:
+            assembly = self.assembly
+            self._result = PumpResult(
+                sha1=self._verified_sha1,
+                length=assembly.layout.length,
+                format=assembly.metadata.format,
+                started_at=self.started_at,
+                finished_at=self._finished_at,
+                cpu_seconds=time.thread_time() - self._cpu_started_at,
+                datagrams=self.datagrams,
+                duplicates=assembly.duplicates,
+                drops={reason.value: count for reason, count in assembly.drops.items()},
+                corrupt_blocks=assembly.corrupt_blocks,
+                image_mismatches=self._image_mismatches,
+                resumed_blocks=assembly.resumed_blocks,
+                multicast_bytes=self.multicast_bytes,
+                fetched_blocks=self.fetched_blocks,
+                fetched_bytes=self.fetched_bytes,
+                zero_blocks=self.zero_blocks,
+            )
         return self._result
 
     # -- the hot loop -----------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        assembly = self.assembly
         if self._expected is not None:
-            event = self.assembly.receive_datagram(self._expected)
+            event = assembly.receive_datagram(self._expected)
             if not isinstance(event, MetadataReceived):
                 raise StreamBroken(reason=f"the expected metadata was not accepted: {event}")
             self._first_metadata(event.metadata)
-        recv_into = self._sock.recv_into
+            if assembly.state is AssemblyState.VERIFYING_IMAGE:
+                self._finish_image()  # resumed with every block verified: only the image SHA-1 is left
+                if self._verified_sha1 is not None:
+                    return
+        sock = self._sock
+        recv_into, recvfrom_into = sock.recv_into, sock.recvfrom_into
         buffer = bytearray(RECEIVE_BUFFER_SIZE)
         view = memoryview(buffer)
-        receive = self.assembly.receive_datagram
+        receive = assembly.receive_datagram
         stage = self._stage
         capacity = len(stage)
         stage_start = stage_end = stage_fill = 0
+        repairs = self._repairs_or_none()
+        following = repairs is not None  # the carousel's position is followed (server mode)
+        # The source port of the stream's metadata frames, once seen: data frames from it are the carousel's.
+        carousel_port: int | None = None
+        observe: Callable[[int], None] | None = None
+        frame_size = 1
+        sample_mask = OBSERVE_EVERY - 1
+        tick_mask = TICK_EVERY - 1
+        count = 0
+        monotonic = time.monotonic
 
         def flush() -> None:
             nonlocal stage_start, stage_fill
             if stage_fill:
                 self._target.pwrite(stage[:stage_fill], stage_start)
+                self.multicast_bytes += stage_fill
                 stage_start, stage_fill = stage_end, 0
 
-        while not self._stop:
-            try:
-                size = recv_into(buffer)
-            except (BlockingIOError, InterruptedError):
-                continue  # SO_RCVTIMEO expired: look at the stop flag
-            self.datagrams += 1
-            event = receive(view[:size])
-            kind = event.__class__
-            if kind is DataReceived:
-                offset = event.offset
-                length = size - HEADER_SIZE
-                if offset != stage_end or stage_fill + length > capacity:
-                    flush()
-                    stage_start = stage_end = offset
-                stage[stage_fill : stage_fill + length] = event.payload
-                stage_fill += length
-                stage_end += length
-                if event.completed_block is not None:
-                    flush()
-                    self._check_block(event.completed_block)
-                    if self._result is not None:
+        def housekeeping() -> bool:
+            """Poll the repair planner, apply fetched blocks; True once the image is verified."""
+            self.datagrams = count
+            if self._fetched:
+                flush()  # staged bytes of a fetched block must not land on top of it afterwards
+                if self._apply_fetched():
+                    return True
+            if repairs is not None:
+                repairs.poll(monotonic())
+            return False
+
+        try:
+            while not self._stop:
+                try:
+                    if following and (carousel_port is None or not count & sample_mask):
+                        size, source = recvfrom_into(buffer)
+                        port = source[1]
+                    else:
+                        size = recv_into(buffer)
+                        port = -1
+                except (BlockingIOError, InterruptedError):
+                    # SO_RCVTIMEO expired: look at the stop flag, and keep house while nothing arrives
+                    if housekeeping():
                         return
-            elif kind is Duplicate:
-                pass
-            elif kind is MetadataReceived:
-                self.metadata_frames += 1
-                if self._confirm_expected:
-                    self._confirm(event.metadata)
-                if event.first_metadata:
-                    self._first_metadata(event.metadata)
-                if event.blocks_to_check:
-                    flush()
-                    mismatches = self._image_mismatches
-                    for block in event.blocks_to_check:
-                        self._check_block(block)
-                        if self._result is not None:
+                    continue
+                count += 1
+                if not count & tick_mask and housekeeping():
+                    return
+                event = receive(view[:size])
+                kind = event.__class__
+                if kind is DataReceived:
+                    offset = event.offset
+                    if port == carousel_port:
+                        observe(offset // frame_size)
+                    length = size - HEADER_SIZE
+                    if offset != stage_end or stage_fill + length > capacity:
+                        flush()
+                        stage_start = stage_end = offset
+                    stage[stage_fill : stage_fill + length] = event.payload
+                    stage_fill += length
+                    stage_end += length
+                    if event.completed_block is not None:
+                        flush()
+                        self._check_block(event.completed_block)
+                        if self._verified_sha1 is not None:
                             return
-                        if self._image_mismatches != mismatches:
-                            break  # the image was forgotten: the other blocks are no longer complete
-                if self.assembly.state is AssemblyState.VERIFYING_IMAGE:
-                    self._finish_image()  # an empty image: verified by its metadata alone
-                    if self._result is not None:
-                        return
-            elif kind is StreamFailed:
-                raise StreamBroken(reason=f"the stream failed: {event.error}")
-        flush()
+                elif kind is Duplicate:
+                    if port == carousel_port:
+                        observe(event.offset // frame_size)
+                elif kind is MetadataReceived:
+                    self.metadata_frames += 1
+                    if self._confirm_expected:
+                        self._confirm(event.metadata)
+                    if event.first_metadata:
+                        self._first_metadata(event.metadata)
+                    if following and port >= 0:
+                        repairs = self._repairs_or_none()  # started now if the layout just became known
+                        if repairs is not None and repairs.planner is not None:
+                            if carousel_port is None:
+                                log.info("carousel frames come from port %d; repair requests %s", port, "on" if repairs.asks else "off")
+                            elif carousel_port != port:
+                                log.info("carousel frames now come from port %d, not %d (the sender restarted?)", port, carousel_port)
+                            carousel_port, observe = port, repairs.planner.observe_carousel
+                            frame_size = assembly.layout.frame_size
+                    if event.zero_blocks:
+                        flush()  # staged bytes of those blocks must not land on the zeros afterwards
+                        self._zero_blocks(event.zero_blocks)
+                    if event.blocks_to_check:
+                        flush()
+                        mismatches = self._image_mismatches
+                        for block in event.blocks_to_check:
+                            self._check_block(block)
+                            if self._verified_sha1 is not None:
+                                return
+                            if self._image_mismatches != mismatches:
+                                break  # the image was forgotten: the other blocks are no longer complete
+                    if assembly.state is AssemblyState.VERIFYING_IMAGE:
+                        self._finish_image()  # an empty image: verified by its metadata alone
+                        if self._verified_sha1 is not None:
+                            return
+                elif kind is StreamFailed:
+                    raise StreamBroken(reason=f"the stream failed: {event.error}")
+            flush()
+        finally:
+            self.datagrams = count
 
     # -- the rare paths ------------------------------------------------------------------------------------------
+
+    def _repairs_or_none(self) -> Repairs | None:
+        """The repairs, started with the planner once the layout is known (None in server-less mode)."""
+        repairs = self.repairs
+        if repairs is not None and repairs.planner is None and self.assembly.layout is not None:
+            repairs.start(layout=self.assembly.layout, held=interim.held_frames(self.assembly))
+        return repairs
 
     def _first_metadata(self, metadata: StreamMetadata) -> None:
         if metadata.block_size is not None and metadata.block_size > MAX_BLOCK_SIZE:
@@ -254,6 +400,13 @@ class Pump:
         if self._target.length != metadata.length:
             raise StreamBroken(reason=f"the target was opened for {self._target.length} bytes, the stream has {metadata.length}")
         self.phase = Phase.RECEIVING
+        self._note_resumed()
+
+    def _note_resumed(self) -> None:
+        assembly = self.assembly
+        if assembly.resumed_blocks and not self._resume_noted:
+            self._resume_noted = True
+            log.info("resuming the interrupted receive: %d of %d blocks were verified before", assembly.resumed_blocks, assembly.layout.block_count)
 
     def _confirm(self, metadata: StreamMetadata) -> None:
         """The stream's first metadata after `expected`: the assembly compared the fields it states."""
@@ -265,11 +418,31 @@ class Pump:
     def _sha1_cursor(self) -> Sha1Cursor:
         if self._cursor is None:
             layout = self.assembly.layout
+            self._note_resumed()
             self._cursor = Sha1Cursor(target=self._target, layout=layout)
             self._scratch = bytearray(layout.block_size)
+            # Blocks verified before this run (a resume): the cursor reads them back from the target.
+            checkpoint = self.assembly.checkpoint()
+            if self.assembly.resumed_blocks and checkpoint is not None:
+                verified = bitarray()
+                verified.frombytes(checkpoint.verified_blocks)
+                for block in verified.search(1, 0, layout.block_count):
+                    self._cursor.verified(block, None)
             self._cursor_thread = threading.Thread(target=self._cursor.run, name="vmcast-sha1", daemon=True)
             self._cursor_thread.start()
         return self._cursor
+
+    def _zero_blocks(self, blocks: tuple[int, ...]) -> None:
+        """Blocks the stream announced as zeros (never sent), already counted verified by the assembly: make
+        them read as zeros on the target, and let the SHA-1 cursor read them back like any verified block."""
+        layout = self.assembly.layout
+        cursor = self._sha1_cursor()
+        for first, last in _runs_of(blocks):
+            start, end = layout.block_span(first)[0], layout.block_span(last)[1]
+            self._target.zero_range(start, end - start)
+            for block in range(first, last + 1):
+                cursor.verified(block, None)
+        self.zero_blocks += len(blocks)
 
     def _check_block(self, block: int) -> None:
         cursor = self._sha1_cursor()
@@ -277,7 +450,37 @@ class Pump:
         lent = cursor.take_buffer()
         view = memoryview(lent if lent is not None else self._scratch)[: end - start]
         self._target.pread_into(view, start)
-        event = self.assembly.check_block(block, view)
+        self._judged(self.assembly.check_block(block, view), lent)
+
+    def _apply_fetched(self) -> bool:
+        """Write, read back and judge the blocks fetched by HTTP; True once the image is verified."""
+        assembly = self.assembly
+        layout = assembly.layout
+        while self._fetched:
+            block, data = self._fetched.popleft()
+            if layout is None or self._target is None:
+                self.fetched_discarded += 1
+                continue
+            start, end = layout.block_span(block)
+            if len(data) != end - start or interim.is_verified(assembly, block):
+                self.fetched_discarded += 1  # multicast verified it meanwhile: keep the bytes already checked
+                continue
+            self._target.pwrite(data, start)
+            cursor = self._sha1_cursor()
+            lent = cursor.take_buffer()
+            view = memoryview(lent if lent is not None else self._scratch)[: end - start]
+            self._target.pread_into(view, start)
+            self.fetched_blocks += 1
+            self.fetched_bytes += end - start
+            self._judged(assembly.accept_block(block, view), lent)
+            if self._verified_sha1 is not None:
+                return True
+        return False
+
+    def _judged(self, event: BlockVerified | BlockCorrupt, lent: bytearray | None) -> None:
+        """Act on the assembly's verdict on a block whose bytes (as read back) are in `lent` or the scratch buffer."""
+        cursor = self._cursor
+        block = event.block
         if isinstance(event, BlockVerified):
             cursor.verified(block, lent)
             if event.image_complete:
@@ -308,17 +511,16 @@ class Pump:
         self.phase = Phase.SYNCING
         self._target.sync()
         self.phase = Phase.VERIFIED
-        assembly = self.assembly
-        self._result = PumpResult(
-            sha1=event.sha1,
-            length=assembly.layout.length,
-            format=assembly.metadata.format,
-            started_at=self.started_at,
-            finished_at=time.monotonic(),
-            cpu_seconds=time.thread_time() - self._cpu_started_at,
-            datagrams=self.datagrams,
-            duplicates=assembly.duplicates,
-            drops={reason.value: count for reason, count in assembly.drops.items()},
-            corrupt_blocks=assembly.corrupt_blocks,
-            image_mismatches=self._image_mismatches,
-        )
+        self._finished_at = time.monotonic()
+        self._verified_sha1 = event.sha1
+
+
+def _runs_of(blocks: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Ascending `blocks` as (first, last) runs of consecutive blocks."""
+    runs: list[tuple[int, int]] = []
+    for block in sorted(blocks):
+        if runs and block == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], block)
+        else:
+            runs.append((block, block))
+    return runs

@@ -11,11 +11,15 @@ Rules (after ironic-python-agent, which refuses disks that are in use and fails 
   refuses (``EBUSY``) while anything holds the device, a second guard against a check that missed something.
 * A read-only device is refused, even with ``force``.
 * A regular file is created (its directory must exist) and truncated to the image length, so it is sparse
-  and the right size from the start. An existing non-empty file is refused unless ``force``; a file system
-  without room for the image is refused.
+  and the right size from the start. An existing non-empty file is refused unless ``force``, or ``reuse``:
+  the receiver's state file says an earlier receive of this very image wrote it (`vmcast.receiver.resume`);
+  it is then written in place, its bytes kept. A file system without room for the image is refused.
 * Anything else (a directory, a character device, a FIFO) is refused.
 * `Target.pwrite` never writes past the image length: the assembly already drops frames past the end, and
   the write boundary checks again.
+* `Target.zero_range` makes a range read as zeros (the stream's zero blocks, which are never sent): a hole
+  punched in a file, ``BLKZEROOUT`` on a device (the device's own zeroing: thin provisioning and SSDs
+  make it cheap), plain zeros written where either is refused.
 
 Resource handling: `open_target` returns an open `Target`; the caller closes it (`Target.close`, or use it as
 a context manager). A file created by `open_target` that is then refused is removed again.
@@ -23,6 +27,8 @@ a context manager). A file created by `open_target` that is then refused is remo
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import enum
 import errno
 import fcntl
@@ -36,6 +42,16 @@ from .errors import TargetBoundsError, TargetIOError, TargetRefused
 
 # linux/fs.h: _IOR(0x12, 114, size_t), the device size in bytes as a u64.
 BLKGETSIZE64 = 0x80081272
+# linux/fs.h: _IO(0x12, 127), zero a byte range [start, start + length) of a device (both 512-byte aligned).
+BLKZEROOUT = 0x127F
+# linux/falloc.h: deallocate the range (it reads as zeros) without changing the file's size.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+# Plain zeros are written this much at a time where no faster way is allowed.
+ZERO_CHUNK = 1 << 20
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
 SYS_ROOT = Path("/sys")
 PROC_ROOT = Path("/proc")
@@ -96,6 +112,42 @@ class Target:
         except OSError as error:
             raise TargetIOError(path=self.path, operation=f"reading back at {offset} from", error=error) from error
 
+    def zero_range(self, offset: int, length: int) -> None:
+        """Make `length` bytes at `offset` read as zeros: a hole in a file, BLKZEROOUT on a device, else zeros written."""
+        if offset < 0 or offset + length > self.length:
+            raise TargetBoundsError(path=self.path, offset=offset, length=length, limit=self.length)
+        if length <= 0:
+            return
+        try:
+            if self.kind is TargetKind.FILE:
+                if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+                    return
+                if ctypes.get_errno() not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+            else:
+                aligned_start, aligned_end = -(-offset // 512) * 512, (offset + length) // 512 * 512
+                if aligned_end > aligned_start:
+                    try:
+                        fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("QQ", aligned_start, aligned_end - aligned_start))
+                    except OSError as error:
+                        if error.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
+                            raise
+                    else:
+                        self._write_zeros(offset, aligned_start - offset)
+                        self._write_zeros(aligned_end, offset + length - aligned_end)
+                        return
+        except OSError as error:
+            raise TargetIOError(path=self.path, operation=f"zeroing {length} bytes at {offset} of", error=error) from error
+        self._write_zeros(offset, length)
+
+    def _write_zeros(self, offset: int, length: int) -> None:
+        zeros = bytes(min(length, ZERO_CHUNK))
+        while length > 0:
+            count = min(length, len(zeros))
+            self.pwrite(memoryview(zeros)[:count], offset)
+            offset += count
+            length -= count
+
     def sync(self) -> None:
         """Make every byte written durable (file data, or the device's cache)."""
         try:
@@ -115,8 +167,11 @@ class Target:
         self.close()
 
 
-def check_target(path: str | os.PathLike[str], *, force: bool, sys_root: Path = SYS_ROOT, proc_root: Path = PROC_ROOT) -> TargetKind:
+def check_target(path: str | os.PathLike[str], *, force: bool, reuse: bool = False, sys_root: Path = SYS_ROOT, proc_root: Path = PROC_ROOT) -> TargetKind:
     """Everything `open_target` checks that does not need the image length; opens nothing, writes nothing.
+
+    `reuse`: an existing regular file is an earlier receive of this image (resume): not refused for being
+    non-empty. It changes nothing for block devices.
 
     Run it before joining a stream whose length is not known yet, to fail early on a plain mistake.
     """
@@ -129,18 +184,22 @@ def check_target(path: str | os.PathLike[str], *, force: bool, sys_root: Path = 
         _check_device_free(name, found.st_rdev, force=force, sys_root=sys_root, proc_root=proc_root)
         return TargetKind.BLOCK_DEVICE
     if stat.S_ISREG(found.st_mode):
-        if found.st_size and not force:
+        if found.st_size and not (force or reuse):
             raise TargetRefused(path=name, reason="the file exists and is not empty (--force overwrites it)")
         return TargetKind.FILE
     raise TargetRefused(path=name, reason=f"it is {_describe_mode(found.st_mode)}, not a regular file or a block device")
 
 
-def open_target(path: str | os.PathLike[str], *, length: int, force: bool, sys_root: Path = SYS_ROOT, proc_root: Path = PROC_ROOT) -> Target:
-    """Check `path` for an image of `length` bytes and open it read-write; refuse with `TargetRefused`."""
+def open_target(path: str | os.PathLike[str], *, length: int, force: bool, reuse: bool = False, sys_root: Path = SYS_ROOT, proc_root: Path = PROC_ROOT) -> Target:
+    """Check `path` for an image of `length` bytes and open it read-write; refuse with `TargetRefused`.
+
+    An existing file is sized to `length` with ftruncate, which keeps its bytes below `length`: a resume
+    (`reuse`) finds the blocks it verified before.
+    """
     name = os.fspath(path)
     if length < 0:
         raise TargetRefused(path=name, reason=f"the image length {length} is negative")
-    kind = check_target(name, force=force, sys_root=sys_root, proc_root=proc_root)
+    kind = check_target(name, force=force, reuse=reuse, sys_root=sys_root, proc_root=proc_root)
     if kind is TargetKind.BLOCK_DEVICE:
         return _open_device(name, length=length, force=force, sys_root=sys_root)
     return _open_file(name, length=length, force=force)

@@ -5,6 +5,7 @@ Everything here uses real sockets, real files and real block devices; nothing is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -314,6 +315,8 @@ def loop_device(tmp_path) -> Iterator[Callable[[int], str]]:
     yield attach
     for device in attached:
         subprocess.run(["losetup", "--detach", device], check=False, capture_output=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{device}.vmcast.json")  # the receiver's state file, beside the device (in /dev)
 
 
 def sha1_of(data: bytes) -> str:

@@ -30,7 +30,7 @@ def direct_args(sender, output) -> list[str]:
 def test_help_documents_every_exit_code():
     result = invoke("--help")
     assert result.exit_code == 0
-    for code in ("0", "1", "2", "3", "4", "5", "6", "130"):
+    for code in ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "130"):
         assert re.search(rf"^\W*{code}\s+\w", result.output, re.MULTILINE), f"exit code {code} not in --help"
 
 
@@ -46,6 +46,14 @@ def test_help_documents_every_exit_code():
     (["img", "--server", "ftp://example", "--output", "x"], "http(s) URL"),
     (["img", "--server", "http://127.0.0.1:1", "--interface", "eth0", "--output", "x"], "not an IPv4 address"),
     (["img", "--server", "http://127.0.0.1:1"], "Missing option '--output'"),
+    (["img", "--server", "http://127.0.0.1:1", "--output", "x", "--fallback-after", "40"], "--fallback-after (40 s) must be shorter than --timeout (30 s)"),
+    (["img", "--server", "http://127.0.0.1:1", "--output", "x", "--rcvbuf", "lots"], "'lots' is not a size in bytes"),
+    (["img", "--server", "http://127.0.0.1:1", "--output", "x", "--rcvbuf", "1k"], "between 4k and 2g"),
+    (["img", "--server", "http://127.0.0.1:1", "--output", "x", "--name", "n"], "--name: needs --register glance or --register ec2"),
+    (["img", "--server", "http://127.0.0.1:1", "--output", "x", "--register", "s3"], "give glance or ec2"),
+    (["img", "--server", "http://127.0.0.1:1", "--output", "x", "--register", "glance", "--region", "eu-west-1"], "--region: EC2 only"),
+    (["img", "--server", "http://127.0.0.1:1", "--output", "x", "--register", "ec2", "--visibility", "public"], "--visibility: Glance only"),
+    (["img", "--server", "http://127.0.0.1:1", "--output", "x", "--register", "glance", "--visibility", "everyone"], "one of private, shared"),
 ])
 def test_mixed_or_missing_options_are_usage_errors(args, message):
     result = invoke(*args)
@@ -63,6 +71,14 @@ def test_a_verified_receive_prints_one_line_and_exits_0(image, make_sender, tmp_
     assert (tmp_path / "out.raw").read_bytes() == image
 
 
+def test_a_verified_line_names_what_was_received_repaired_and_fetched(image, lease_server, tmp_path):
+    result = invoke("test-image", "--server", lease_server.url, "--output", str(tmp_path / "out.raw"))
+    assert result.exit_code == 0, result.output
+    fields = dict(field.split("=", 1) for field in result.stdout.split()[1:])
+    assert fields["bytes_received"] == str(len(image)) and fields["resumed_blocks"] == "0"
+    assert {"repair_requests", "repair_frames_requested", "fallback_blocks"} <= fields.keys()
+
+
 def test_json_gives_the_result_with_drop_counters(image, make_sender, tmp_path):
     sender = make_sender(image, metadata=minimal_metadata(image)).start()
     result = invoke(*direct_args(sender, tmp_path / "out.raw"), "--json")
@@ -72,6 +88,9 @@ def test_json_gives_the_result_with_drop_counters(image, make_sender, tmp_path):
     assert summary["sha1"] == sha1_of(image) and summary["bytes"] == len(image)
     assert summary["seconds"] > 0 and summary["rate"] > 0
     assert isinstance(summary["drops"], dict) and "kernel_drops" in summary and "duplicates" in summary
+    for counter in ("repair_requests", "repair_frames_requested", "resumed_blocks", "bytes_received", "fallback_blocks", "fallback_bytes"):
+        assert isinstance(summary[counter], int), counter
+    assert summary["state_file"] == f"{tmp_path / 'out.raw'}.vmcast.json" and summary["already_verified"] is False
 
 
 def test_a_refused_target_exits_3(image, make_sender, tmp_path):
@@ -141,3 +160,5 @@ def test_sigint_exits_130_after_releasing_the_lease_and_progress_is_shown_meanwh
     assert process.returncode == 130, errors
     assert "interrupted by SIGINT" in errors
     assert lease_server.released == list(lease_server.leases) and lease_server.released
+    state = json.loads((tmp_path / "out.raw.vmcast.json").read_text())  # saved on the way out: a re-run resumes
+    assert state["image"] == "test-image" and state["verified"] is False and state["len"] == 3 * (1 << 20) + 12_345
