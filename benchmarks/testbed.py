@@ -599,6 +599,11 @@ class TestBed:
         # `brd +` matters: udpcast finds its peers by broadcast and refuses an
         # interface without a broadcast address.
         _ip(["-n", host.netns, "addr", "add", f"{host.address}/{SUBNET_PREFIX_LENGTH}", "brd", "+", "dev", host.interface])
+        # A real NIC cuts a UDP GSO batch into datagrams before the wire; a veth would carry it whole through
+        # the bridge, and the loss rules would then drop 45-datagram batches at a time. One segment per packet
+        # makes the kernel segment here, as hardware would, so loss stays per datagram (the sender still makes
+        # one system call per batch).
+        _ip(["-n", host.netns, "link", "set", host.interface, "gso_max_segs", "1"])
         _ip(["-n", host.netns, "link", "set", host.interface, "up"])
         _ip(["-n", host.netns, "route", "add", MULTICAST_ROUTE, "dev", host.interface])
         if spec.rate_mbit is not None:

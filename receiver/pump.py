@@ -14,7 +14,8 @@ Checks: when the assembly reports a complete block, it is read back from the tar
 image in order in a second thread. When the last block is verified the loop asks for the digest, calls
 `check_image`, and fsyncs the target before it reports success. A corrupt block or image has already been
 forgotten by the assembly: the loop keeps receiving and takes it again from a later loop of the sender,
-up to `MAX_CORRUPT_REPEATS` times for one block and `MAX_IMAGE_MISMATCHES` for the image.
+unless one block keeps coming back with the same wrong bytes (`MAX_SAME_CORRUPTION`: a faulty target or sender),
+or wrong at all `MAX_CORRUPT_REPEATS` times; and up to `MAX_IMAGE_MISMATCHES` times for the image.
 
 Repairs and the HTTP fallback (server mode): the loop follows the carousel for `repair.Repairs` (the source
 port of one datagram in `repair.OBSERVE_EVERY`, compared with that of the stream's metadata frames: repair
@@ -79,8 +80,14 @@ STAGE_SIZE = 4 << 20
 # The receive buffer holds any UDP/IPv4 datagram (65,507 bytes of payload), so none is ever truncated.
 RECEIVE_BUFFER_SIZE = 1 << 16
 
-# A block read back wrong this many times is not bad luck on the wire but a failing target or sender.
-MAX_CORRUPT_REPEATS = 8
+# A block read back with the *same* wrong xxh3 this many times is a failing target (it returns the same bad
+# bytes) or a sender whose data does not match its own checksum; corruption on the wire hits different frames
+# each pass and gives a different wrong xxh3 every time. At 0.1% corrupt datagrams a 749-frame block arrives
+# corrupt about half the time, so counting every bad pass would give up on healthy receivers.
+MAX_SAME_CORRUPTION = 3
+# Any wrong xxh3, however varied, this many times for one block: the wire is too bad to finish (at 50% bad
+# passes the chance of reaching it by bad luck is 2**-64).
+MAX_CORRUPT_REPEATS = 64
 
 # The whole-image SHA-1 disagreeing although every block matched its xxh3 is a sender announcing the wrong
 # SHA-1 (or xxh3 collisions); retrying a few times tells it from a write that went bad after its check.
@@ -175,6 +182,7 @@ class Pump:
         self._cursor_thread: threading.Thread | None = None
         self._scratch: bytearray | None = None
         self._corrupt_repeats: Counter[int] = Counter()
+        self._same_corruption: Counter[tuple[int, int]] = Counter()
         self._image_mismatches = 0
         self._verified_sha1: str | None = None
         self._finished_at = 0.0
@@ -489,10 +497,16 @@ class Pump:
         if lent is not None:
             cursor.give_back(lent)
         self._corrupt_repeats[block] += 1
-        repeats = self._corrupt_repeats[block]
+        self._same_corruption[block, event.actual] += 1
+        repeats, same = self._corrupt_repeats[block], self._same_corruption[block, event.actual]
         log.warning("block %d read back corrupt (xxh3 %016x, expected %016x); taking it again", block, event.actual, event.expected)
+        if same >= MAX_SAME_CORRUPTION:
+            raise StreamBroken(
+                reason=f"block {block} read back {same} times with the same wrong bytes (xxh3 {event.actual:016x}): "
+                "the target returns what was not written, or the sender's data does not match its checksum"
+            )
         if repeats >= MAX_CORRUPT_REPEATS:
-            raise StreamBroken(reason=f"block {block} read back corrupt {repeats} times: the target or the sender is faulty")
+            raise StreamBroken(reason=f"block {block} read back corrupt {repeats} times: the network corrupts too much to finish")
 
     def _finish_image(self) -> None:
         self.phase = Phase.HASHING
