@@ -195,6 +195,15 @@ class Assembly:
     def length(self) -> int | None:
         return self.metadata.length if self.metadata else None
 
+    @property
+    def held_frames(self) -> bitarray:
+        """One bit per frame, set when the frame is held (for `RepairPlanner`). Read it; never write it."""
+        return self._received
+
+    def is_verified(self, block: int) -> bool:
+        """Whether `block` is verified (a fallback must not overwrite a block multicast already verified)."""
+        return bool(self._verified[block])
+
     def missing_blocks(self) -> list[int]:
         """Blocks not yet verified, in order (what to ask a repair server for)."""
         return list(self._verified.search(0)) if self.layout else []

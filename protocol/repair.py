@@ -118,6 +118,11 @@ class RepairPlanner:
         self._requested = bitarray(layout.frame_count)
         self._requested.setall(0)
 
+    @property
+    def passed_everything(self) -> bool:
+        """Whether the carousel went a whole loop since this receiver joined (every frame has been sent once)."""
+        return self._passed_everything
+
     def observe_carousel(self, frame: int) -> None:
         """The carousel sent `frame` (a data frame from the carousel's source port)."""
         if self._join is None:

@@ -9,5 +9,4 @@
 * `progress`: progress on stderr; `errors`: the one root exception and the exit codes.
 * `verified`, `registration`: the verified-image type, and registering one into Glance or EC2;
   `registering`: ``vmcast receive --register``.
-* `interim`: stand-ins for protocol API that does not exist yet (to delete when it does).
 """

@@ -37,7 +37,6 @@ import httpx
 import trio
 from vmcast.protocol import Layout
 
-from . import interim
 from .lease import response_detail
 from .pump import MAX_QUEUED_BLOCKS, Phase, Pump
 
@@ -140,7 +139,7 @@ async def fetch_when_needed(pump: Pump, client: httpx.AsyncClient, settings: Fal
 async def _fetch(pump: Pump, client: httpx.AsyncClient, url: str, layout: Layout, blocks: list[int], stats: FallbackStats) -> bool:
     """Fetch `blocks` (ascending) into the pump; False at the first failure."""
     for first, last in _runs(blocks, RANGE_BLOCKS):
-        while first <= last and interim.is_verified(pump.assembly, first):
+        while first <= last and pump.assembly.is_verified(first):
             first += 1  # multicast brought it meanwhile
         if first > last:
             continue

@@ -65,7 +65,6 @@ from vmcast.protocol import (
     StreamMetadata,
 )
 
-from . import interim
 from .errors import StreamBroken
 from .hashing import Sha1Cursor
 from .repair import OBSERVE_EVERY, Repairs
@@ -397,7 +396,7 @@ class Pump:
         """The repairs, started with the planner once the layout is known (None in server-less mode)."""
         repairs = self.repairs
         if repairs is not None and repairs.planner is None and self.assembly.layout is not None:
-            repairs.start(layout=self.assembly.layout, held=interim.held_frames(self.assembly))
+            repairs.start(layout=self.assembly.layout, held=self.assembly.held_frames)
         return repairs
 
     def _first_metadata(self, metadata: StreamMetadata) -> None:
@@ -470,7 +469,7 @@ class Pump:
                 self.fetched_discarded += 1
                 continue
             start, end = layout.block_span(block)
-            if len(data) != end - start or interim.is_verified(assembly, block):
+            if len(data) != end - start or assembly.is_verified(block):
                 self.fetched_discarded += 1  # multicast verified it meanwhile: keep the bytes already checked
                 continue
             self._target.pwrite(data, start)

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from bitarray import bitarray
 from vmcast.protocol import Layout, RepairPlanner, encode_repair_request
 
-from . import interim
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ class Repairs:
     def passed_everything(self) -> bool:
         """The carousel went a whole loop since the first frame observed (any thread may ask)."""
         planner = self.planner
-        return planner is not None and interim.passed_everything(planner)
+        return planner is not None and planner.passed_everything
 
     def poll(self, now: float) -> None:
         """Send a request if the planner says it is time (`now`: `time.monotonic()`)."""

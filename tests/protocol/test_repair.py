@@ -124,7 +124,7 @@ def run_with_repair(image, *, receivers, loss, seed, use_repair):
                     continue
                 node.feed(datagram)
                 if planners[i] is None and node.assembly.layout is not None:
-                    planners[i] = RepairPlanner(layout=node.assembly.layout, received=node.assembly._received, interval=0.01, rerequest_after=0.05)
+                    planners[i] = RepairPlanner(layout=node.assembly.layout, received=node.assembly.held_frames, interval=0.01, rerequest_after=0.05)
                 if planners[i] is not None and frame is not None and not is_repair:
                     planners[i].observe_carousel(frame)
         if use_repair:
