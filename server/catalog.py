@@ -2,7 +2,7 @@
 
 An image's name is its file name. Hidden files (a leading dot) and anything that is not a regular file
 (after following symbolic links) are not images. Which formats an image is offered in follows from its
-source format: the bytes as they are, plus raw when qemu-img can convert it.
+source format: the bytes as they are, plus raw and qcow2 when qemu-img can convert it.
 """
 
 from __future__ import annotations
@@ -20,18 +20,24 @@ from .sources import fetch_source, is_source_spec
 
 log = logging.getLogger(__name__)
 
-# Formats qemu-img converts to raw without anything more than the file (an encrypted LUKS image, say, would
-# need a secret): these are offered as themselves and as raw. Any other format is offered as it is.
-CONVERTIBLE_TO_RAW = frozenset({"qcow2", "qcow", "qed", "vmdk", "vdi", "vhdx", "vpc"})
+# Formats qemu-img converts without anything more than the file (an encrypted LUKS image, say, would need a
+# secret): these are offered as themselves and converted to each of `CONVERSION_TARGETS`. Any other format is
+# offered as it is.
+CONVERTIBLE_FORMATS = frozenset({"raw", "qcow2", "qcow", "qed", "vmdk", "vdi", "vhdx", "vpc"})
+# What the server converts to, in the order offered: raw (what dd, EC2 snapshots and every hypervisor take)
+# and qcow2 (what OpenStack and libvirt prefer; zeros take no room, so it often crosses the network faster).
+CONVERSION_TARGETS = ("raw", "qcow2")
 
 
 def formats_offered(source_format: str) -> tuple[str, ...]:
-    """The formats an image of `source_format` can be streamed in, the source's own first."""
-    if source_format == "raw":
-        return ("raw",)
-    if source_format in CONVERTIBLE_TO_RAW:
-        return (source_format, "raw")
-    return (source_format,)
+    """The formats an image of `source_format` can be streamed in, the source's own first.
+
+    raw -> (raw, qcow2); qcow2 -> (qcow2, raw); vmdk, vhdx, vpc... -> (itself, raw, qcow2); anything else
+    -> (itself).
+    """
+    if source_format not in CONVERTIBLE_FORMATS:
+        return (source_format,)
+    return (source_format, *(target for target in CONVERSION_TARGETS if target != source_format))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

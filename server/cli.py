@@ -141,7 +141,7 @@ def serve(
     cache_dir: Annotated[
         Path | None,
         typer.Option(
-            help="Where raw conversions of qcow2 images and manifests are cached.  \\[default: ~/.cache/vmcast]",
+            help="Where conversions of images (qcow2 to raw, raw to qcow2...) and manifests are cached.  \\[default: ~/.cache/vmcast]",
             show_default=False,
         ),
     ] = None,
@@ -278,13 +278,13 @@ def stream_start(
         str, typer.Argument(help="Image name, as the server lists it (its file name).", show_default=False)
     ],
     format: Annotated[
-        str, typer.Option("--format", help="Format to stream the image in: raw, or the image's own format (qcow2...).")
+        str, typer.Option("--format", help="Format to stream the image in: the image's own, raw or qcow2 (converted once).")
     ] = "raw",
     server: ServerOption = DEFAULT_SERVER,
     json_output: JsonOption = False,
     timeout: Annotated[
         float,
-        typer.Option(help="Seconds to wait for the server; the first start of a large qcow2 image converts it first."),
+        typer.Option(help="Seconds to wait for the server; the first start of a large image in another format converts it first."),
     ] = START_TIMEOUT,
 ) -> None:
     """Start the stream of an image, or join it if it runs, and print its lease, group, port and cookie.

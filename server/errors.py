@@ -84,9 +84,10 @@ class ImageChanged(ServerError):
 class ConversionFailed(ServerError):
     """`qemu-img convert` failed."""
 
-    def __init__(self, *, path: Path, reason: str) -> None:
-        super().__init__(f"qemu-img could not convert {path} to raw: {reason}")
+    def __init__(self, *, path: Path, target_format: str, reason: str) -> None:
+        super().__init__(f"qemu-img could not convert {path} to {target_format}: {reason}")
         self.path = path
+        self.target_format = target_format
         self.reason = reason
 
 

@@ -1,7 +1,8 @@
 """Manifests (SHA-1 and per-block xxh3 of what a stream sends), made in one read pass and cached on disk.
 
-A manifest is cached as ``<cache>/manifests/<sha256 of the source>.<format>.<frame size>.json``: keyed by
-content like the converted images, so it is computed once per image content, format and frame size, and
+A manifest is cached as ``<cache>/manifests/<key>.<format>.<frame size>.json``, its key the SHA-256 of the
+source (and, for a conversion, the converted file's inode and mtime: see `vmcast.server.preparation`): keyed
+by content like the converted images, so it is computed once per image content, format and frame size, and
 a server that starts again announces its streams without reading the images. The image name is not part of
 the cache entry (two names for the same bytes share it); it is set when the manifest is loaded.
 

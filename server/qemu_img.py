@@ -1,4 +1,4 @@
-"""The two things vmcast asks of `qemu-img`: what format a file is in, and a raw copy of it.
+"""The two things vmcast asks of `qemu-img`: what format a file is in, and a copy of it in another format.
 
 Paths are always passed absolute, so a file name such as ``nbd:host`` or ``json:{...}`` is never read as a
 qemu protocol prefix, and with ``-U`` (force share) so an image a VM holds open can still be inspected.
@@ -65,23 +65,34 @@ class QemuImg:
         except (ValueError, KeyError, TypeError) as error:
             raise ImageUnreadable(path=path, reason=f"unexpected qemu-img info output: {error}") from None
 
-    def convert_to_raw(self, *, source: Path, source_format: str, target: Path) -> None:
-        """Write the raw form of `source` to `target` (sparse where the image is zero).
+    def convert(self, *, source: Path, source_format: str, target: Path, target_format: str) -> None:
+        """Write `source` to `target` in `target_format` (raw: sparse where the image is zero).
 
         The source format is given, not probed again, so a raw file that happens to start with another
         format's header is never reinterpreted.
+
+        qcow2 is written with qemu-img's defaults (64 KiB clusters, compat 1.1, no preallocation): clusters that
+        are zero are left unallocated, so it is about as small as the data. It is not compressed (``-c``):
+        compressing costs the server minutes of CPU once and every VM that boots from it CPU on each read, and
+        a receiver that wants it smaller can recompress. Writes stay in order (no ``-W``), so the same input
+        and qemu-img version give the same bytes; vmcast does not rely on that (see `vmcast.server.conversion`).
         """
         command = [
-            self.executable, "convert", "-U", "-f", source_format, "-O", "raw",
+            self.executable, "convert", "-U", "-f", source_format, "-O", target_format,
             str(source.absolute()), str(target.absolute()),
         ]  # fmt: skip
         try:
             done = subprocess.run(command, capture_output=True, text=True, check=False)
         except OSError as error:
-            raise ConversionFailed(path=source, reason=f"cannot run qemu-img: {error}") from None
+            raise ConversionFailed(
+                path=source, target_format=target_format, reason=f"cannot run qemu-img: {error}"
+            ) from None
         if done.returncode != 0:
-            raise ConversionFailed(path=source, reason=_last_line(done.stderr) or f"exit status {done.returncode}")
-
+            raise ConversionFailed(
+                path=source,
+                target_format=target_format,
+                reason=_last_line(done.stderr) or f"exit status {done.returncode}",
+            )
 
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]

@@ -28,7 +28,7 @@ class Image(_Model):
 
     name: str = Field(description="The image's file name; what `POST /v1/streams` asks for.")
     formats: list[str] = Field(
-        description="Formats it can be streamed in: raw for raw images; the source format and raw for qcow2 and the like."
+        description="Formats it can be streamed in, its own first: raw and qcow2 for raw images; the source format, raw and qcow2 for vmdk, vhdx and the like (qcow2 and raw for qcow2)."
     )
     size: int = Field(description="Size of the file in bytes.")
     source_format: str = Field(description="Format of the file, as `qemu-img info` detected it.")

@@ -28,8 +28,9 @@ router = APIRouter(prefix="/v1/streams", tags=["streams"])
 def start_stream(
     body: StreamRequest, catalog: CatalogDep, preparer: PreparerDep, registry: RegistryDep
 ) -> StreamStarted:
-    """The first start of an image in a format may take a while: a qcow2 image is converted to raw once, and
-    an image is read once to compute its manifest. Both are cached, so later starts answer at once.
+    """The first start of an image in a format may take a while: an image asked for in another format than its
+    own (a qcow2 as raw, a raw as qcow2) is converted once, and what is sent is read once to compute its
+    manifest. Both are cached, so later starts answer at once.
 
     Starting an image and format that already stream joins that stream: same group, port and cookie, one
     more reference, a new lease. Release the lease with `DELETE /v1/leases/{lease_id}`.

@@ -1,7 +1,7 @@
 """Images from elsewhere: Glance, S3 and HTTP(S) sources fetched into a local cache, verified, by content.
 
 The catalog calls `fetch_source` for an image name that `is_source_spec`, and serves the returned file like
-an image of its directory (its `source_format` decides the formats offered, conversion to raw included):
+an image of its directory (its `source_format` decides the formats offered, conversions included):
 
     fetched = fetch_source("glance:debian-12", cache_dir=settings.cache_dir, qemu=qemu)
     fetched.path, fetched.source_format, fetched.downloaded  # .../sources/<key>.image, "qcow2", True

@@ -23,7 +23,7 @@ from ..errors import ImageUnreadable
 from ..qemu_img import INFO_TIMEOUT, QemuImg
 from .errors import SourceFormatRefused
 
-# The formats whose raw form qemu-img makes from the file alone (the server's CONVERTIBLE_TO_RAW) plus raw.
+# The formats qemu-img converts from the file alone: the server's CONVERTIBLE_FORMATS.
 ACCEPTED_FORMATS = frozenset({"raw", "qcow2", "qcow", "qed", "vmdk", "vdi", "vhdx", "vpc"})
 
 # vmdk subformats kept in one file; the others ("monolithicFlat", "twoGbMaxExtent...", "vmfs") are a
@@ -45,7 +45,7 @@ GLANCE_DISK_FORMATS = {
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class InspectedImage:
-    """A fetched file the server may stream as it is and convert to raw if it is not raw."""
+    """A fetched file the server may stream as it is and convert (to raw, to qcow2)."""
 
     format: str
     """Format qemu-img detected (raw, qcow2, vmdk, vpc, vhdx...)."""

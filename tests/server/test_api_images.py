@@ -11,7 +11,7 @@ def test_images_are_listed_with_the_formats_each_is_offered_in(client: TestClien
     listed = {image["name"]: image for image in client.get("/v1/images").json()}
     assert listed[images.raw] == {
         "name": images.raw,
-        "formats": ["raw"],
+        "formats": ["raw", "qcow2"],
         "size": images.path(images.raw).stat().st_size,
         "source_format": "raw",
         "virtual_size": images.path(images.raw).stat().st_size,
@@ -37,4 +37,4 @@ def test_a_replaced_image_is_looked_at_again(client: TestClient, images: Images)
     staged = images.directory / ".staged"
     staged.write_bytes(os.urandom(4096))
     staged.rename(images.path(images.qcow2))
-    assert {i["name"]: i["formats"] for i in client.get("/v1/images").json()}[images.qcow2] == ["raw"]
+    assert {i["name"]: i["formats"] for i in client.get("/v1/images").json()}[images.qcow2] == ["raw", "qcow2"]

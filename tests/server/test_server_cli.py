@@ -252,10 +252,10 @@ def test_an_error_answer_is_one_line_and_a_non_zero_exit(server: tuple[str, int]
     assert status == 1
     assert output == "error: the server answered 404: no image named 'missing.img' in " + output.split(" in ", 1)[1]
     assert "Traceback" not in output
-    status, output = run("stream", "start", "disk.raw", "--format", "qcow2", "--server", url)
+    status, output = run("stream", "start", "disk.raw", "--format", "vmdk", "--server", url)
     assert (status, output) == (
         1,
-        "error: the server answered 422: image 'disk.raw' is not offered in format 'qcow2'; formats offered: raw",
+        "error: the server answered 422: image 'disk.raw' is not offered in format 'vmdk'; formats offered: raw, qcow2",
     )
 
 
