@@ -25,6 +25,7 @@ from .repair import (
     RepairRequest,
     decode_repair_request,
     encode_repair_request,
+    encode_repair_requests,
 )
 from .errors import LocalProtocolError, MetadataConflict, ProtocolError, RemoteProtocolError
 from .frames import (

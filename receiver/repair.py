@@ -28,7 +28,7 @@ import socket
 from dataclasses import dataclass
 
 from bitarray import bitarray
-from vmcast.protocol import Layout, RepairPlanner, encode_repair_request
+from vmcast.protocol import Layout, RepairPlanner, encode_repair_requests
 
 
 log = logging.getLogger(__name__)
@@ -106,13 +106,14 @@ class Repairs:
         request = planner.poll(now, jitter=random.random())
         if request is None:
             return
-        try:
-            self._sock.sendto(encode_repair_request(self._cookie, request), self._destination)
-        except OSError as error:
-            self.send_errors += 1
-            if not self._warned:
-                self._warned = True
-                log.warning("could not send a repair request to %s:%d: %s (counted; lost frames come again later)", *self._destination, error)
-            return
-        self.requests_sent += 1
+        for datagram in encode_repair_requests(self._cookie, request):
+            try:
+                self._sock.sendto(datagram, self._destination)
+            except OSError as error:
+                self.send_errors += 1
+                if not self._warned:
+                    self._warned = True
+                    log.warning("could not send a repair request to %s:%d: %s (counted; lost frames come again later)", *self._destination, error)
+                return
+            self.requests_sent += 1
         self.frames_requested += request.frame_count

@@ -25,6 +25,30 @@ from .memlink import MemoryReceiver
 COOKIE = b"repair!!"
 
 
+def test_a_large_request_is_split_into_datagrams_that_each_fit():
+    from vmcast.protocol import encode_repair_requests
+
+    request = RepairRequest(ranges=tuple((i * 10, 3) for i in range(300)))
+    datagrams = encode_repair_requests(COOKIE, request)
+    assert len(datagrams) == 7
+    decoded = [decode_repair_request(d, cookie=COOKIE, frame_count=10**6) for d in datagrams]
+    assert sum((d.ranges for d in decoded), ()) == request.ranges
+    assert all(len(d) - 16 <= 1200 for d in datagrams)
+
+
+def test_a_burst_lost_across_the_end_of_a_loop_is_still_a_wrap_not_a_restart():
+    layout = manifest_of(bytes(1_000_000), frame_size=1000).layout  # 1000 frames
+    received = _bits(layout.frame_count)
+    planner = RepairPlanner(layout=layout, received=received)
+    for frame in range(100, 995):  # joined at 100; the loop's last frames 995-999 and 0-4 are lost
+        received[frame] = 1
+        planner.observe_carousel(frame)
+    for frame in range(5, 120):
+        received[frame] = 1
+        planner.observe_carousel(frame)
+    assert planner.passed_everything  # wrapped and came round past the join point: everything was passed
+
+
 def test_requests_round_trip_and_fit_a_datagram():
     request = RepairRequest(ranges=tuple((i * 1000, 7) for i in range(MAX_RANGES_PER_REQUEST)))
     assert request_fits(request, COOKIE)
@@ -76,7 +100,7 @@ def test_a_planner_asks_only_for_frames_the_carousel_has_passed():
     assert planner.poll(0.0, jitter=0.0) is None  # the first poll only sets the timer
     request = planner.poll(10.0, jitter=0.0)
     assert request.ranges == ((400, 10),)  # not 0-299 (not passed yet), not 630-699 (within the reorder margin)
-    assert planner.poll(10.5, jitter=0.0) is None  # asked already; not again before it could be served
+    assert planner.poll(10.15, jitter=0.0) is None  # asked already; not again before it could be served
 
 
 def test_after_a_whole_loop_a_planner_asks_for_everything_it_lacks():
