@@ -39,9 +39,11 @@ import json
 import os
 import random
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -279,7 +281,7 @@ def _one_run(tool: str, receivers: int, loss: float, zero_fraction: float, image
         "payload": settings.payload,
         "cores": os.cpu_count(),
         "image": {"kind": image_kind(zero_fraction), "zero_fraction": zero_fraction, "size_bytes": size_bytes,
-                  "sha1": sha1, "seed": settings.seed},  # fmt: skip
+                  "sha1": sha1, "seed": settings.seed},
         "timeout": timeout,
         "seconds_until_all_verified": None if seconds is None else round(seconds, 3),
         "all_verified": result.all_verified,
@@ -358,12 +360,12 @@ def conditions_text(settings: HarnessSettings, commit: tuple[str, bool], timeout
         rates = [f"vmcast --rate {vmcast} (IP bytes; {VMCAST_RATE_FRACTION:g} of the link after Ethernet headers)",
                  f"udpcast {UDPCAST_RATE_FRACTION:g} x link", f"uftp {UFTP_RATE_FRACTION:g} x link", "http: TCP"]  # fmt: skip
     return "\n".join([
-        f"vmcast commit {commit[0]}{' (+ uncommitted changes)' if commit[1] else ''} from {vmcast_source_root()}; "
-        f"{datetime.datetime.now().isoformat(timespec='seconds')}",
-        f"image {settings.size_mib} MiB ({', '.join(image_kind(f) for f in settings.zero_fractions)}; seed {settings.seed}); "
+        (f"vmcast commit {commit[0]}{' (+ uncommitted changes)' if commit[1] else ''} from {vmcast_source_root()}; "
+        f"{datetime.datetime.now().isoformat(timespec='seconds')}"),
+        (f"image {settings.size_mib} MiB ({', '.join(image_kind(f) for f in settings.zero_fractions)}; seed {settings.seed}); "
         f"N = {', '.join(map(str, settings.receiver_counts))} receivers; {rate}; UDP loss "
         f"{', '.join(f'{loss:g}' for loss in settings.losses)} % at each receiver (sender's input lossless); "
-        f"MTU {settings.mtu}; vmcast payload {settings.payload} B",
+        f"MTU {settings.mtu}; vmcast payload {settings.payload} B"),
         f"cores: {os.cpu_count()}, shared by every process of the bed (sender, all receivers, kernel networking, this harness)",
         ("pacing: " + "; ".join(rates)) if rates else "pacing: none",
         f"tools {', '.join(settings.tools)}, each on a fresh bed; timeout per run "
@@ -410,6 +412,23 @@ def _timeouts(settings: HarnessSettings) -> dict[int, float]:
     }
 
 
+def _raise_system_exit(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM/SIGHUP unwind (scratch directory removed, beds torn down) even before the first bed exists.
+
+    The bed installs the same on its first use; until then (making images, waiting for a quiet machine) the
+    default action would leave the scratch directory behind. A handler someone else installed stays theirs.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, _raise_system_exit)
+
+
 def run_benchmark(settings: HarnessSettings, *, echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run every configuration and tool; write ``results.jsonl``, ``table.txt`` and PNGs into ``settings.out``.
 
@@ -423,6 +442,7 @@ def run_benchmark(settings: HarnessSettings, *, echo: Callable[[str], None] = pr
     available, reason = testbed_available()
     if not available:
         raise BedUnavailable(reason)
+    _exit_cleanly_on_sigterm()
     out = settings.out or DEFAULT_RESULTS_ROOT / datetime.datetime.now().strftime("%Y-%m-%dT%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / RESULTS_FILE

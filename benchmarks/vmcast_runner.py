@@ -379,6 +379,6 @@ def _note_vmcast_counters(session: _Session, details: VmcastDetails) -> None:
         session.notes.append(
             "stream: " + ", ".join(f"{key} {stream.get(key)}" for key in
                                    ("loops_completed", "datagrams_sent", "repair_requests", "repair_frames_sent",
-                                    "repair_drops", "send_errors") if key in stream)  # fmt: skip
+                                    "repair_drops", "send_errors") if key in stream)
         )
     session.notes.append(f"server cpu {details.server_cpu_seconds}s, receivers cpu {details.receivers_cpu_seconds}s")

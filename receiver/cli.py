@@ -90,6 +90,7 @@ def receive(
     fallback_after: Annotated[float, typer.Option(min=0.1, help="With a server: when nothing of the stream arrived by multicast within this many seconds of joining, fetch the image by HTTP instead (GET /v1/streams/ID/data with Range). HTTP also fetches the last few blocks (at most 1% of them, or 16) still missing a whole loop after joining.")] = DEFAULT_FALLBACK_AFTER,
     no_fallback: Annotated[bool, typer.Option("--no-fallback", help="Never fetch by HTTP: what multicast loses comes from repair requests and the next loop.")] = False,
     no_repair: Annotated[bool, typer.Option("--no-repair", help="With a server: send no repair requests (UDP, to the server's repair port) for lost frames; they come from the next loop or the HTTP fallback.")] = False,
+    no_gro: Annotated[bool, typer.Option("--no-gro", help="Do not ask the kernel for UDP GRO: one datagram per receive system call instead of up to 64 KiB of them (for comparison; GRO is off by itself where the kernel lacks it).")] = False,
     rcvbuf: Annotated[str, typer.Option(help="Socket receive buffer to ask for, in bytes; suffixes k, m, g (powers of 1024). Linux doubles it for its bookkeeping; without root it is capped at net.core.rmem_max. A larger buffer rides out longer pauses of the receiver without losing datagrams.")] = f"{RECEIVE_BUFFER >> 20}m",
     force: Annotated[bool, typer.Option("--force", help="Write a block device that is in use, or overwrite a non-empty file that is not an earlier receive of this image.")] = False,
     register: Annotated[str | None, typer.Option(help=f"After a verified receive, register the image in this cloud: {' or '.join(CLOUDS)} (as vmcast register does; the lease is released first). A failure keeps the verified file: retry with vmcast register OUTPUT --glance|--ec2.", show_default=False)] = None,
@@ -132,7 +133,7 @@ def receive(
     request = _request(
         output=output, image=image, server=server, image_format=image_format, group=group, port=port, cookie=cookie,
         interface=interface, timeout=timeout, force=force, fallback_after=None if no_fallback else fallback_after,
-        no_repair=no_repair, rcvbuf=rcvbuf,
+        no_repair=no_repair, rcvbuf=rcvbuf, gro=not no_gro,
     )  # fmt: skip
     registration = _registration(register=register, name=name, visibility=visibility, os_cloud=os_cloud, region=region)
     code = run(request, as_json=as_json, registration=registration)
@@ -297,6 +298,7 @@ def parse_size(text: str) -> int:
 def _request(
     *, output: str, image: str | None, server: str | None, image_format: str | None, group: str | None, port: int | None,
     cookie: str | None, interface: str | None, timeout: float, force: bool, fallback_after: float | None, no_repair: bool, rcvbuf: str,
+    gro: bool = True,
 ) -> ReceiveRequest:  # fmt: skip
     """Check the options' combinations and turn them into a request; a bad one is a usage error (exit 2)."""
     direct = {"--group": group, "--port": port, "--cookie": cookie}
@@ -338,7 +340,7 @@ def _request(
         raise typer.BadParameter(f"{rcvbuf!r}: between 4k and 2g", param_hint="--rcvbuf")
     return ReceiveRequest(
         source=source, output=output, interface=interface, timeout=timeout, force=force, rcvbuf=receive_buffer,
-        repair=not no_repair, fallback_after=fallback_after,
+        repair=not no_repair, fallback_after=fallback_after, gro=gro,
     )  # fmt: skip
 
 

@@ -1,7 +1,16 @@
 """The receiving socket: bound to the group, joined on one interface, with as large a buffer as we may have.
 
+UDP GRO (``udp(7)``, Linux 5.0+): with ``UDP_GRO`` set, the kernel may hand one ``recvmsg`` several datagrams
+of one flow at once, back to back in one buffer, with a ``(SOL_UDP, UDP_GRO, int gso_size)`` control message:
+every datagram but the last is ``gso_size`` bytes. A sender's UDP GSO batch (`vmcast.server.sender`) arrives
+so whole on loopback and veth, and a NIC doing GRO coalesces a flow's datagrams the same way; one system call
+then carries up to 45 frames instead of one. The receiver must split such buffers (`vmcast.receiver.pump`);
+a buffer without the control message is one datagram, as without GRO. `open_group_socket` asks for it by
+default and goes on without it, silently, on a kernel that refuses.
+
 Error handling: `open_group_socket` raises `OSError` when the group cannot be bound or joined (the caller
-reports it); a receive buffer smaller than asked for is not an error, it is reported in `GroupSocket.rcvbuf`.
+reports it); a receive buffer smaller than asked for is not an error, it is reported in `GroupSocket.rcvbuf`,
+nor is a kernel without UDP GRO (`GroupSocket.gro`).
 
 Resource handling: the caller owns the returned socket and closes it.
 """
@@ -17,6 +26,10 @@ from dataclasses import dataclass
 # Linux socket options Python's socket module does not name.
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # like SO_RCVBUF, but root may pass net.core.rmem_max
 IP_MULTICAST_ALL = getattr(socket, "IP_MULTICAST_ALL", 49)
+# include/uapi/linux/udp.h: the socket option that turns GRO on (an int), and the control message that
+# carries the segment size of a coalesced buffer (an int), both at level SOL_UDP (= IPPROTO_UDP, 17).
+SOL_UDP = socket.IPPROTO_UDP
+UDP_GRO = 104
 
 # The receive buffer absorbs the sender while the receiver is busy elsewhere (reading a block back, a
 # page-cache flush): 64 MiB is ~0.27 s at 2 Gbit/s, longer than any such pause we measured.
@@ -41,14 +54,18 @@ class GroupSocket:
     """The local address of the interface the group was joined on."""
     rcvbuf: int
     """The receive buffer as the kernel reports it (Linux doubles the size asked, for its bookkeeping)."""
+    gro: bool = False
+    """UDP GRO is on: a receive may return several datagrams in one buffer (see the module's docstring)."""
 
 
-def open_group_socket(*, group: str, port: int, interface: str, receive_buffer: int = RECEIVE_BUFFER) -> GroupSocket:
-    """Bind (group, port), join the group on `interface` and size the receive buffer."""
+def open_group_socket(*, group: str, port: int, interface: str, receive_buffer: int = RECEIVE_BUFFER, gro: bool = True) -> GroupSocket:
+    """Bind (group, port), join the group on `interface`, size the receive buffer, and (with `gro`) ask for
+    UDP GRO, going on without it where the kernel refuses."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         _grow_receive_buffer(sock, receive_buffer)
+        gro = gro and enable_gro(sock)  # before the join: every datagram queued is then read the same way
         # Binding to the group address (not INADDR_ANY) keeps out unicast and other groups' datagrams sent
         # to the same port; IP_MULTICAST_ALL=0 keeps out groups other sockets of this host joined.
         sock.bind((group, port))
@@ -67,7 +84,19 @@ def open_group_socket(*, group: str, port: int, interface: str, receive_buffer: 
     except BaseException:
         sock.close()
         raise
-    return GroupSocket(sock=sock, group=group, port=port, interface=interface, rcvbuf=rcvbuf)
+    return GroupSocket(sock=sock, group=group, port=port, interface=interface, rcvbuf=rcvbuf, gro=gro)
+
+
+def enable_gro(sock: socket.socket) -> bool:
+    """Turn UDP GRO on for `sock`; False (and nothing changed) where the kernel or platform refuses.
+
+    True means its datagrams must from now on be read with ``recvmsg`` and split (`vmcast.receiver.pump`).
+    """
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+    except OSError:
+        return False  # ENOPROTOOPT before Linux 5.0, or not Linux
+    return True
 
 
 def _grow_receive_buffer(sock: socket.socket, size: int) -> None:
@@ -101,10 +130,13 @@ def is_multicast(address: str) -> bool:
 
 
 def kernel_drops(sock: socket.socket) -> int | None:
-    """Datagrams the kernel threw away because this socket's buffer was full (``/proc/net/udp``), or None.
+    """Packets the kernel threw away because this socket's buffer was full (``/proc/net/udp``), or None.
 
-    Read from procfs rather than with SO_RXQ_OVFL, which would need recvmsg() and a control message parse on
-    every datagram; this costs nothing until asked.
+    With UDP GRO on, a packet is whatever the kernel would have queued whole: a coalesced GSO batch counts once
+    for all its datagrams.
+
+    Read from procfs rather than with SO_RXQ_OVFL, which would need one more control message to parse on
+    every receive; this costs nothing until asked.
     """
     try:
         inode = str(os.fstat(sock.fileno()).st_ino)

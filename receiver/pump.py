@@ -3,7 +3,15 @@
 At 2 Gbit/s in 1400-byte payloads a datagram arrives every ~5 µs, too little for a trip through an event
 loop. `Pump.run` is therefore a plain blocking loop meant for `trio.to_thread.run_sync`: a blocking socket
 whose SO_RCVTIMEO (`multicast.RECEIVE_TIMEOUT`) bounds how long it can take to notice `stop`, one
-preallocated receive buffer filled with `recv_into`, and the assembly fed a memoryview of it.
+preallocated receive buffer, and the assembly fed a memoryview of each datagram in it.
+
+Receiving: with UDP GRO on (`multicast.enable_gro`, the default) one ``recvmsg_into`` returns a sender's whole
+GSO batch (up to 45 frames, 64 KiB) with a control message naming the datagram size; the buffer is cut into
+memoryview slices of that size (the last may be shorter), each fed to the assembly like a datagram of its
+own: a bad one (a foreign cookie, a short one) is counted and dropped like any, and its neighbours are kept.
+A buffer without the control message is one datagram (a sender without GSO, a metadata frame). Without GRO
+(``--no-gro``, an old kernel) ``recv_into`` reads one datagram per call. The buffer is reused by the next
+receive: every payload is copied into the stage (below) before that, and nothing else keeps a view of it.
 
 Writes: new bytes that follow the previous ones are copied into a staging buffer (`STAGE_SIZE`) and written
 with one `os.pwrite` per flush. The stage is flushed when a payload does not follow on (a gap, a late
@@ -17,10 +25,13 @@ forgotten by the assembly: the loop keeps receiving and takes it again from a la
 unless one block keeps coming back with the same wrong bytes (`MAX_SAME_CORRUPTION`: a faulty target or sender),
 or wrong at all `MAX_CORRUPT_REPEATS` times; and up to `MAX_IMAGE_MISMATCHES` times for the image.
 
-Repairs and the HTTP fallback (server mode): the loop follows the carousel for `repair.Repairs` (the source
-port of one datagram in `repair.OBSERVE_EVERY`, compared with that of the stream's metadata frames: repair
-frames come from another port, docs/PROTOCOL.md section 7) and, every `TICK_EVERY` datagrams and on every
-receive timeout, does its housekeeping: it polls the repair planner and applies blocks fetched by HTTP
+Repairs and the HTTP fallback (server mode): the loop follows the carousel for `repair.Repairs`: it compares a
+receive's source port with that of the stream's metadata frames (repair frames come from another port,
+docs/PROTOCOL.md section 7) and tells the planner the last carousel frame the receive held. With GRO every
+receive has its port (``recvmsg`` returns it anyway, and a coalesced buffer holds one flow's datagrams);
+without it, one receive in `repair.OBSERVE_EVERY` asks for it (``recvfrom_into`` costs more than
+``recv_into``). Every `TICK_EVERY` datagrams (looked at once per receive) and on every receive timeout, the
+loop does its housekeeping: it polls the repair planner and applies blocks fetched by HTTP
 (`deliver_block`, from `vmcast.receiver.fallback`): each is written at its offset, read back and judged by the
 assembly like a block that came by multicast.
 
@@ -44,6 +55,8 @@ import collections
 import enum
 import logging
 import socket
+import struct
+import sys
 import threading
 import time
 from collections import Counter
@@ -52,7 +65,6 @@ from dataclasses import dataclass
 
 from bitarray import bitarray
 from vmcast.protocol import (
-    HEADER_SIZE,
     Assembly,
     AssemblyState,
     BlockCorrupt,
@@ -67,6 +79,7 @@ from vmcast.protocol import (
 
 from .errors import StreamBroken
 from .hashing import Sha1Cursor
+from .multicast import SOL_UDP, UDP_GRO
 from .repair import OBSERVE_EVERY, Repairs
 from .target import Target
 
@@ -76,8 +89,14 @@ log = logging.getLogger(__name__)
 # little per byte, small enough to stay in cache; a 1 MiB block is usually flushed whole before it is checked.
 STAGE_SIZE = 4 << 20
 
-# The receive buffer holds any UDP/IPv4 datagram (65,507 bytes of payload), so none is ever truncated.
+# The receive buffer holds any UDP/IPv4 datagram (65,507 bytes of payload), so none is ever truncated; and
+# any buffer UDP GRO coalesces, which must fit the 16-bit length of the one UDP/IP packet it stands for.
 RECEIVE_BUFFER_SIZE = 1 << 16
+# Room for the one control message UDP GRO adds to a coalesced buffer: the segment size, an int (udp(7)).
+ANCILLARY_SIZE = socket.CMSG_SPACE(struct.calcsize("i"))
+# recvmsg flags that say the buffer (MSG_TRUNC) or the control message (MSG_CTRUNC) did not fit: neither can
+# happen with the sizes above, and what did not fit is counted and dropped (`Pump.truncated`) if it does.
+TRUNCATED = socket.MSG_TRUNC | socket.MSG_CTRUNC
 
 # A block read back with the *same* wrong xxh3 this many times is a failing target (it returns the same bad
 # bytes) or a sender whose data does not match its own checksum; corruption on the wire hits different frames
@@ -131,7 +150,9 @@ class PumpResult:
     cpu_seconds: float
     """CPU time of the pump's thread (not the hashing thread's): the cost of the datagram loop."""
     datagrams: int
-    """Datagrams read from the socket, ours or not."""
+    """Datagrams read from the socket, ours or not (each datagram of a coalesced buffer counts)."""
+    coalesced: int
+    """Receives that returned several datagrams in one buffer (UDP GRO)."""
     duplicates: int
     """Data frames of bytes we already held."""
     drops: dict[str, int]
@@ -166,10 +187,18 @@ class Pump:
     `expected` announced a block size, or the blocks could never be checked: that fails the stream too.
 
     `repairs`, when given (server mode), follows the carousel and sends repair requests (see `repair`).
+
+    `gro`: UDP GRO is on for `sock` (`multicast.enable_gro`): receives then go through ``recvmsg`` and a
+    coalesced buffer is split into its datagrams. It must be True for a socket with GRO on, or coalesced
+    buffers would be taken for single (misaligned) datagrams and dropped; for one without it, True works too,
+    at the cost of ``recvmsg``. `buffer_size`: of the receive buffer; anything smaller than the default can
+    truncate a receive (what did not fit is counted in `truncated` and dropped).
     """
 
-    def __init__(self, *, sock: socket.socket, assembly: Assembly, open_target: Callable[[StreamMetadata], Target], expected: bytes | None = None, repairs: Repairs | None = None, stage_size: int = STAGE_SIZE) -> None:
+    def __init__(self, *, sock: socket.socket, assembly: Assembly, open_target: Callable[[StreamMetadata], Target], expected: bytes | None = None, repairs: Repairs | None = None, stage_size: int = STAGE_SIZE, gro: bool = False, buffer_size: int = RECEIVE_BUFFER_SIZE) -> None:
         self.assembly = assembly
+        self._gro = gro
+        self._buffer_size = buffer_size
         self._expected = expected
         self._confirm_expected = expected is not None
         self._sock = sock
@@ -191,6 +220,10 @@ class Pump:
         self.repairs = repairs
         self.phase = Phase.WAITING
         self.datagrams = 0
+        self.coalesced = 0
+        """Receives that returned more than one datagram (UDP GRO)."""
+        self.truncated = 0
+        """Receives whose buffer or control message did not fit (never seen; what did not fit is dropped)."""
         self.metadata_frames = 0
         self.multicast_bytes = 0
         """Image bytes written from multicast (counted when flushed)."""
@@ -253,6 +286,7 @@ class Pump:
                 finished_at=self._finished_at,
                 cpu_seconds=time.thread_time() - self._cpu_started_at,
                 datagrams=self.datagrams,
+                coalesced=self.coalesced,
                 duplicates=assembly.duplicates,
                 drops={reason.value: count for reason, count in assembly.drops.items()},
                 corrupt_blocks=assembly.corrupt_blocks,
@@ -279,9 +313,12 @@ class Pump:
                 if self._verified_sha1 is not None:
                     return
         sock = self._sock
-        recv_into, recvfrom_into = sock.recv_into, sock.recvfrom_into
-        buffer = bytearray(RECEIVE_BUFFER_SIZE)
+        gro = self._gro
+        recv_into, recvfrom_into, recvmsg_into = sock.recv_into, sock.recvfrom_into, sock.recvmsg_into
+        buffer = bytearray(self._buffer_size)
+        buffers = [buffer]
         view = memoryview(buffer)
+        one_datagram = (0,)
         receive = assembly.receive_datagram
         stage = self._stage
         capacity = len(stage)
@@ -293,8 +330,8 @@ class Pump:
         observe: Callable[[int], None] | None = None
         frame_size = 1
         sample_mask = OBSERVE_EVERY - 1
-        tick_mask = TICK_EVERY - 1
         count = 0
+        next_tick = TICK_EVERY
         monotonic = time.monotonic
 
         def flush() -> None:
@@ -317,80 +354,113 @@ class Pump:
 
         try:
             while not self._stop:
+                # One receive: `size` bytes in `buffer`, datagrams of `segment` bytes each (the last may be
+                # shorter); without GRO, or a buffer without its control message, one datagram (segment == size).
                 try:
-                    if following and (carousel_port is None or not count & sample_mask):
+                    if gro:
+                        # The source address comes with every recvmsg at no extra cost, and covers up to 45 frames.
+                        size, ancillary, flags, source = recvmsg_into(buffers, ANCILLARY_SIZE)
+                        port = source[1]
+                        segment = _segment_size(ancillary, size) if ancillary else size
+                        if flags & TRUNCATED:
+                            size, segment = self._truncated(size, segment, flags)
+                            if not size:
+                                continue
+                    elif following and (carousel_port is None or not count & sample_mask):
                         size, source = recvfrom_into(buffer)
                         port = source[1]
+                        segment = size
                     else:
-                        size = recv_into(buffer)
+                        size = segment = recv_into(buffer)
                         port = -1
                 except (BlockingIOError, InterruptedError):
                     # SO_RCVTIMEO expired: look at the stop flag, and keep house while nothing arrives
                     if housekeeping():
                         return
                     continue
-                count += 1
-                if not count & tick_mask and housekeeping():
-                    return
-                event = receive(view[:size])
-                kind = event.__class__
-                if kind is DataReceived:
-                    offset = event.offset
-                    if port == carousel_port:
-                        observe(offset // frame_size)
-                    length = size - HEADER_SIZE
-                    if offset != stage_end or stage_fill + length > capacity:
-                        flush()
-                        stage_start = stage_end = offset
-                    stage[stage_fill : stage_fill + length] = event.payload
-                    stage_fill += length
-                    stage_end += length
-                    if event.completed_block is not None:
-                        flush()
-                        self._check_block(event.completed_block)
-                        if self._verified_sha1 is not None:
-                            return
-                elif kind is Duplicate:
-                    if port == carousel_port:
-                        observe(event.offset // frame_size)
-                elif kind is MetadataReceived:
-                    self.metadata_frames += 1
-                    if self._confirm_expected:
-                        self._confirm(event.metadata)
-                    if event.first_metadata:
-                        self._first_metadata(event.metadata)
-                    if following and port >= 0:
-                        repairs = self._repairs_or_none()  # started now if the layout just became known
-                        if repairs is not None and repairs.planner is not None:
-                            if carousel_port is None:
-                                log.info("carousel frames come from port %d; repair requests %s", port, "on" if repairs.asks else "off")
-                            elif carousel_port != port:
-                                log.info("carousel frames now come from port %d, not %d (the sender restarted?)", port, carousel_port)
-                            carousel_port, observe = port, repairs.planner.observe_carousel
-                            frame_size = assembly.layout.frame_size
-                    if event.zero_blocks:
-                        flush()  # staged bytes of those blocks must not land on the zeros afterwards
-                        self._zero_blocks(event.zero_blocks)
-                    if event.blocks_to_check:
-                        flush()
-                        mismatches = self._image_mismatches
-                        for block in event.blocks_to_check:
-                            self._check_block(block)
+                if count >= next_tick:
+                    next_tick = count + TICK_EVERY
+                    if housekeeping():
+                        return
+                if segment < size:
+                    self.coalesced += 1
+                    datagrams = view[:size]  # so that the last, shorter datagram's slice ends where it does
+                    starts = range(0, size, segment)
+                else:
+                    datagrams = view
+                    starts = one_datagram
+                count += len(starts)
+                head = -1  # the last carousel position in this receive (one observation covers them all)
+                for start in starts:
+                    event = receive(datagrams[start : start + segment])
+                    kind = event.__class__
+                    if kind is DataReceived:
+                        head = offset = event.offset
+                        payload = event.payload
+                        length = len(payload)
+                        if offset != stage_end or stage_fill + length > capacity:
+                            flush()
+                            stage_start = stage_end = offset
+                        # Copied now: the receive buffer is reused by the next receive.
+                        stage[stage_fill : stage_fill + length] = payload
+                        stage_fill += length
+                        stage_end += length
+                        if event.completed_block is not None:
+                            flush()
+                            self._check_block(event.completed_block)
                             if self._verified_sha1 is not None:
                                 return
-                            if self._image_mismatches != mismatches:
-                                break  # the image was forgotten: the other blocks are no longer complete
-                    if assembly.state is AssemblyState.VERIFYING_IMAGE:
-                        self._finish_image()  # an empty image: verified by its metadata alone
-                        if self._verified_sha1 is not None:
-                            return
-                elif kind is StreamFailed:
-                    raise StreamBroken(reason=f"the stream failed: {event.error}")
+                    elif kind is Duplicate:
+                        head = event.offset
+                    elif kind is MetadataReceived:
+                        self.metadata_frames += 1
+                        if self._confirm_expected:
+                            self._confirm(event.metadata)
+                        if event.first_metadata:
+                            self._first_metadata(event.metadata)
+                        if following and port >= 0:
+                            repairs = self._repairs_or_none()  # started now if the layout just became known
+                            if repairs is not None and repairs.planner is not None:
+                                if carousel_port is None:
+                                    log.info("carousel frames come from port %d; repair requests %s", port, "on" if repairs.asks else "off")
+                                elif carousel_port != port:
+                                    log.info("carousel frames now come from port %d, not %d (the sender restarted?)", port, carousel_port)
+                                carousel_port, observe = port, repairs.planner.observe_carousel
+                                frame_size = assembly.layout.frame_size
+                        if event.zero_blocks:
+                            flush()  # staged bytes of those blocks must not land on the zeros afterwards
+                            self._zero_blocks(event.zero_blocks)
+                        if event.blocks_to_check:
+                            flush()
+                            mismatches = self._image_mismatches
+                            for block in event.blocks_to_check:
+                                self._check_block(block)
+                                if self._verified_sha1 is not None:
+                                    return
+                                if self._image_mismatches != mismatches:
+                                    break  # the image was forgotten: the other blocks are no longer complete
+                        if assembly.state is AssemblyState.VERIFYING_IMAGE:
+                            self._finish_image()  # an empty image: verified by its metadata alone
+                            if self._verified_sha1 is not None:
+                                return
+                    elif kind is StreamFailed:
+                        raise StreamBroken(reason=f"the stream failed: {event.error}")
+                if head >= 0 and port == carousel_port:
+                    observe(head // frame_size)
             flush()
         finally:
             self.datagrams = count
 
     # -- the rare paths ------------------------------------------------------------------------------------------
+
+    def _truncated(self, size: int, segment: int, flags: int) -> tuple[int, int]:
+        """A receive that did not fit: keep the whole datagrams it holds, if its segment size is known."""
+        self.truncated += 1
+        if self.truncated == 1:
+            log.warning("a receive did not fit its buffer (recvmsg flags %#x); what did not fit is dropped", flags)
+        if flags & socket.MSG_CTRUNC or segment >= size:
+            return 0, 0  # the segment size is unknown, or the one datagram was cut short
+        return size - size % segment, segment
 
     def _repairs_or_none(self) -> Repairs | None:
         """The repairs, started with the planner once the layout is known (None in server-less mode)."""
@@ -526,6 +596,16 @@ class Pump:
         self.phase = Phase.VERIFIED
         self._finished_at = time.monotonic()
         self._verified_sha1 = event.sha1
+
+
+def _segment_size(ancillary: list[tuple[int, int, bytes]], size: int) -> int:
+    """The datagram size of a coalesced buffer of `size` bytes, from recvmsg's control messages: the UDP_GRO
+    one (an int in host byte order), else `size` (a single datagram)."""
+    for level, kind, data in ancillary:
+        if level == SOL_UDP and kind == UDP_GRO:
+            segment = int.from_bytes(data, sys.byteorder)
+            return segment if 0 < segment < size else size
+    return size
 
 
 def _runs_of(blocks: tuple[int, ...]) -> list[tuple[int, int]]:

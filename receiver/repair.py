@@ -5,11 +5,13 @@ frames that came from the source port of the stream's metadata frames; repair fr
 port and say nothing about the carousel's position) and calls `poll` a few times a second; `poll` asks the
 `RepairPlanner` whether to ask, and if so sends one request datagram to the server's repair address.
 
-The pump observes only a sample of the carousel's frames (`OBSERVE_EVERY`): knowing a datagram's source port
-costs ``recvfrom_into`` instead of ``recv_into`` (measured: +0.47 µs per datagram, a tenth of the pump's
-whole cost), and the planner needs the carousel's position, not every frame. A sample lags the position by at
-most `OBSERVE_EVERY` frames, far less than the planner's reorder margin (64 frames), so it only makes the
-planner wait a few frames longer before it asks.
+The pump observes only a sample of the carousel's frames: the planner needs the carousel's position, not every
+frame. With UDP GRO (the default) it observes the last carousel frame of every receive, whose source address
+``recvmsg`` returns anyway: up to 64 frames apart (a coalesced buffer), never stale. Without GRO it observes
+one datagram in `OBSERVE_EVERY`: knowing a datagram's source port costs ``recvfrom_into`` instead of
+``recv_into`` (measured: +0.47 µs per datagram, a tenth of the pump's whole cost). Either way a sample lags the
+position by at most 64 frames, the planner's reorder margin, so it only makes the planner wait a few frames
+longer before it asks.
 
 Without a repair address (`--no-repair`, or a server that takes no requests) the planner still follows the
 carousel: the HTTP end game (`vmcast.receiver.fallback`) waits for a whole loop since the join.
@@ -30,10 +32,10 @@ from dataclasses import dataclass
 from bitarray import bitarray
 from vmcast.protocol import Layout, RepairPlanner, encode_repair_requests
 
-
 log = logging.getLogger(__name__)
 
-# The pump learns the source port of one datagram in this many (a power of two: the test is a bit mask).
+# Without GRO, the pump learns the source port of one datagram in this many (a power of two: the test is a
+# bit mask).
 OBSERVE_EVERY = 8
 
 

@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -31,11 +32,45 @@ from vmcast.protocol import (
 
 LOOPBACK = "127.0.0.1"
 
+# udp(7): the control message that makes one sendmsg a batch of datagrams of this size (UDP GSO, Linux 4.18+).
+UDP_SEGMENT = 103
+
 
 def free_group() -> tuple[str, int]:
     """A multicast group and port no other test (or concurrent test run) is likely to use."""
     rng = random.SystemRandom()
     return f"239.255.{rng.randrange(1, 255)}.{rng.randrange(1, 255)}", rng.randrange(20000, 60000)
+
+
+def gso_unavailable() -> str | None:
+    """None when this kernel sends UDP GSO batches and receives with UDP GRO, else why not (a skip reason)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.setsockopt(socket.IPPROTO_UDP, UDP_SEGMENT, 0)
+        except OSError as error:
+            return f"no UDP GSO here: {error}"
+        try:
+            probe.setsockopt(socket.IPPROTO_UDP, 104, 1)  # UDP_GRO
+        except OSError as error:
+            return f"no UDP GRO here: {error}"
+    return None
+
+
+def send_batch(sock: socket.socket, datagrams: list[bytes], destination: tuple[str, int]) -> None:
+    """Send `datagrams` with one sendmsg, as a UDP GSO batch when there are several: every one but the last
+    must be as long as the first, the last no longer (the kernel cuts the buffer at that size)."""
+    control = [(socket.IPPROTO_UDP, UDP_SEGMENT, struct.pack("=H", len(datagrams[0])))] if len(datagrams) > 1 else []
+    while True:
+        try:
+            sock.sendmsg(datagrams, control, 0, destination)
+            return
+        except BlockingIOError:
+            time.sleep(0.0005)
+        except OSError as error:
+            if error.errno == 105:  # ENOBUFS: the loopback queue is full; wait like a paced sender would
+                time.sleep(0.0005)
+            else:
+                raise
 
 
 def multicast_sender_socket() -> socket.socket:
@@ -55,6 +90,9 @@ class Sender:
     * ``corrupt_offsets``: data frames at these offsets go out with flipped bytes on the first loop only.
     * ``metadata``: metadata objects to send instead of the manifest's (a minimal third-party sender).
     * ``metadata_after``: from this many seconds on, send these metadata objects instead (an image changing).
+    * ``batch``: data frames per sendmsg, as one UDP GSO batch (like `vmcast.server.sender`); a batch ends early
+      at a short frame (the image's last) and before metadata. ``batches`` counts the batches sent, and
+      ``short_tail_batches`` those of several frames that ended with a short one.
     """
 
     data: bytes
@@ -66,6 +104,7 @@ class Sender:
     corrupt_offsets: frozenset[int] = frozenset()
     metadata: list[dict] | None = None
     metadata_after: tuple[float, list[dict]] | None = None
+    batch: int = 1
 
     def __post_init__(self) -> None:
         self.manifest = manifest_of(self.data, name="test-image", frame_size=self.frame_size)
@@ -76,6 +115,8 @@ class Sender:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="test-sender", daemon=True)
         self.error: BaseException | None = None
+        self.batches = 0
+        self.short_tail_batches = 0
 
     @property
     def sha1(self) -> str:
@@ -120,6 +161,16 @@ class Sender:
         started = time.monotonic()
         sent_bytes = 0
         switched = False
+        pending: list[bytes] = []  # the data frames of the GSO batch being filled
+
+        def send_pending() -> None:
+            if len(pending) > 1:
+                self.batches += 1
+                if len(pending[-1]) < len(pending[0]):
+                    self.short_tail_batches += 1
+            send_batch(self.sock, pending, destination)
+            pending.clear()
+
         while not self._stop.is_set():
             now = time.monotonic()
             if self.metadata_after and not switched and now - started >= self.metadata_after[0]:
@@ -127,8 +178,10 @@ class Sender:
                 switched = True
             action = self.carousel.next_send(now)
             if isinstance(action, SendMetadata):
+                if pending:
+                    send_pending()
                 for datagram in action.datagrams:
-                    self._send([datagram], destination)
+                    send_batch(self.sock, [datagram], destination)
                 continue
             if isinstance(action, Idle):
                 self._stop.wait(max(0.0, min(action.until - now, 0.05)))
@@ -136,25 +189,16 @@ class Sender:
             payload = view[action.offset : action.offset + action.length]
             if action.offset in self.corrupt_offsets and self.carousel.loops_completed == 0:
                 payload = bytes(b ^ 0xFF for b in payload[:8]) + bytes(payload[8:])
-            self._send([action.header, payload], destination)
+            pending.append(action.header + bytes(payload))
+            if len(pending) == self.batch or action.length < self.frame_size:
+                send_pending()
             sent_bytes += action.length
             if self.rate is not None:
                 ahead = sent_bytes / self.rate - (time.monotonic() - started)
                 if ahead > 0.002:
+                    if pending:
+                        send_pending()
                     time.sleep(ahead)
-
-    def _send(self, buffers: list, destination: tuple[str, int]) -> None:
-        while True:
-            try:
-                self.sock.sendmsg(buffers, [], 0, destination)
-                return
-            except BlockingIOError:
-                time.sleep(0.0005)
-            except OSError as error:
-                if error.errno == 105:  # ENOBUFS: the loopback queue is full; wait like a paced sender would
-                    time.sleep(0.0005)
-                else:
-                    raise
 
 
 @pytest.fixture
