@@ -97,22 +97,29 @@ class StreamStarted(_Model):
     @classmethod
     def of(cls, stream: StreamStatus, lease: Lease) -> StreamStarted:
         return cls(
-            stream_id=stream.stream_id,
+            **_identity_of(stream),
             lease_id=lease.lease_id,
-            image=stream.image,
-            format=stream.format,
-            group=str(stream.group),
-            port=stream.port,
-            cookie=stream.cookie.hex(),
-            length=stream.length,
-            sha1=stream.sha1,
-            frame_size=stream.frame_size,
-            block_size=stream.block_size,
-            zero_bytes=stream.zero_bytes,
             repair_port=stream.repair_port,
             lease_ttl=lease.ttl,
             expires_at=lease.expires_at,
         )
+
+
+def _identity_of(stream) -> dict[str, object]:
+    """The fields that say which stream and image this is, shared by the start answer and the stream status."""
+    return {
+        "stream_id": stream.stream_id,
+        "image": stream.image,
+        "format": stream.format,
+        "group": str(stream.group),
+        "port": stream.port,
+        "cookie": stream.cookie.hex(),
+        "length": stream.length,
+        "sha1": stream.sha1,
+        "frame_size": stream.frame_size,
+        "block_size": stream.block_size,
+        "zero_bytes": stream.zero_bytes,
+    }
 
 
 class Stream(_Model):
@@ -153,17 +160,7 @@ class Stream(_Model):
     def of(cls, stream: StreamStatus) -> Stream:
         sender = stream.sender
         return cls(
-            stream_id=stream.stream_id,
-            image=stream.image,
-            format=stream.format,
-            group=str(stream.group),
-            port=stream.port,
-            cookie=stream.cookie.hex(),
-            length=stream.length,
-            sha1=stream.sha1,
-            frame_size=stream.frame_size,
-            block_size=stream.block_size,
-            zero_bytes=stream.zero_bytes,
+            **_identity_of(stream),
             references=stream.references,
             loops_completed=sender.loops_completed,
             bytes_sent=sender.bytes_sent,
