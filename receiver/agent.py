@@ -370,7 +370,8 @@ async def _start(run: _Run, nursery: trio.Nursery, resources: AsyncExitStack, ou
     gro = "on" if group_socket.gro else "off (not asked for)" if not request.gro else "off (the kernel refused it)"
     log.info("joined %s:%d on %s, receive buffer %d bytes, UDP GRO %s", group, port, interface, group_socket.rcvbuf, gro)
     assembly = Assembly(cookie=source.cookie, checkpoint=source.plan.checkpoint)
-    pump = Pump(sock=group_socket.sock, assembly=assembly, open_target=source.open_target, expected=source.expected, repairs=run.repairs, gro=group_socket.gro)
+    pump = Pump(sock=group_socket.sock, assembly=assembly, open_target=source.open_target, expected=source.expected, repairs=run.repairs, gro=group_socket.gro,
+                carousel_port=source.lease.carousel_port if source.lease is not None else None)
     run.pump = pump
     lease = source.lease
     fallback = lease is not None and request.fallback_after is not None

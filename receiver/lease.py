@@ -53,6 +53,8 @@ class Lease(BaseModel):
     """Seconds the lease lives without a renewal; None: it lives until released."""
     repair_port: Annotated[int | None, Field(ge=1, le=65535)] = None
     """UDP port, on the server's host, that takes repair requests (docs/PROTOCOL.md section 7); None: none."""
+    carousel_port: Annotated[int | None, Field(ge=1, le=65535)] = None
+    """Source port of the carousel's datagrams; None: learned from the first metadata frame instead."""
     image: str
     """Image name."""
     format: str

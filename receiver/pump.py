@@ -195,8 +195,9 @@ class Pump:
     truncate a receive (what did not fit is counted in `truncated` and dropped).
     """
 
-    def __init__(self, *, sock: socket.socket, assembly: Assembly, open_target: Callable[[StreamMetadata], Target], expected: bytes | None = None, repairs: Repairs | None = None, stage_size: int = STAGE_SIZE, gro: bool = False, buffer_size: int = RECEIVE_BUFFER_SIZE) -> None:
+    def __init__(self, *, sock: socket.socket, assembly: Assembly, open_target: Callable[[StreamMetadata], Target], expected: bytes | None = None, repairs: Repairs | None = None, stage_size: int = STAGE_SIZE, gro: bool = False, buffer_size: int = RECEIVE_BUFFER_SIZE, carousel_port: int | None = None) -> None:
         self.assembly = assembly
+        self._carousel_port = carousel_port
         self._gro = gro
         self._buffer_size = buffer_size
         self._expected = expected
@@ -326,9 +327,15 @@ class Pump:
         repairs = self._repairs_or_none()
         following = repairs is not None  # the carousel's position is followed (server mode)
         # The source port of the stream's metadata frames, once seen: data frames from it are the carousel's.
+        # The lease names it, when the server says: then the planner follows the carousel from the first
+        # datagram, and frames lost before the first metadata frame are asked for in this loop, not the next.
         carousel_port: int | None = None
         observe: Callable[[int], None] | None = None
         frame_size = 1
+        if following and self._carousel_port is not None and repairs.planner is not None:
+            carousel_port, observe = self._carousel_port, repairs.planner.observe_carousel
+            frame_size = assembly.layout.frame_size
+            log.info("carousel frames come from port %d (the lease says); repair requests %s", carousel_port, "on" if repairs.asks else "off")
         sample_mask = OBSERVE_EVERY - 1
         count = 0
         next_tick = TICK_EVERY

@@ -151,6 +151,8 @@ class SenderStats:
     """Repair requests for this stream that were dropped (malformed, frames outside the image, backlog full)."""
     gso: bool
     """Data frames leave in UDP GSO batches (False: asked not to, refused by the kernel, or batches of one)."""
+    carousel_port: int
+    """Source port of the carousel's datagrams (repair frames come from another; docs/PROTOCOL.md section 7)."""
 
 
 def multicast_interface_option(interface: str) -> bytes:
@@ -270,6 +272,9 @@ class Sender:
             # port than the carousel's (docs/PROTOCOL.md section 7).
             self._repair_socket = open_multicast_socket(config)
             self._repair_socket.connect((str(group), port))
+            self.carousel_port: int = self._socket.getsockname()[1]
+            """The carousel's source port: the start answer names it, so that a receiver follows the carousel's
+            position from its first datagram instead of from the first metadata frame (up to a second later)."""
         except BaseException:
             self._close()
             raise
@@ -350,6 +355,7 @@ class Sender:
             repair_pending=repairs.pending,
             repair_drops=self.repair_drops,
             gso=self.gso,
+            carousel_port=self.carousel_port,
         )
 
     def _measured_bps(self) -> float:

@@ -89,6 +89,10 @@ class StreamStarted(_Model):
     repair_port: int = Field(
         description="UDP port, on the API's host, that takes repair requests (docs/PROTOCOL.md section 7)."
     )
+    carousel_port: int = Field(
+        description="Source UDP port of the carousel's datagrams (repair frames come from another): a receiver "
+        "follows the carousel's position from its first datagram (docs/PROTOCOL.md section 7)."
+    )
     lease_ttl: float = Field(
         description="Seconds the lease lives without renewal: renew it (POST /v1/leases/{lease_id}/renew) well within that, e.g. every third of it."
     )
@@ -100,6 +104,7 @@ class StreamStarted(_Model):
             **_identity_of(stream),
             lease_id=lease.lease_id,
             repair_port=stream.repair_port,
+            carousel_port=stream.sender.carousel_port,
             lease_ttl=lease.ttl,
             expires_at=lease.expires_at,
         )
@@ -149,6 +154,7 @@ class Stream(_Model):
     last_error: str | None = Field(description="The most recent send error, if any.")
     state: StreamState
     repair_port: int = Field(description="UDP port, on the API's host, that takes repair requests.")
+    carousel_port: int = Field(description="Source UDP port of the carousel's datagrams (repair frames come from another).")
     repair_requests: int = Field(description="Repair requests accepted for this stream.")
     repair_frames_sent: int = Field(description="Frames resent (from the repair source port) because receivers asked.")
     repair_pending: int = Field(description="Frames asked for and not resent yet.")
@@ -172,6 +178,7 @@ class Stream(_Model):
             last_error=sender.last_error,
             state=sender.state.value,
             repair_port=stream.repair_port,
+            carousel_port=sender.carousel_port,
             repair_requests=sender.repair_requests,
             repair_frames_sent=sender.repair_frames_sent,
             repair_pending=sender.repair_pending,
