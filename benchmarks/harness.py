@@ -11,15 +11,21 @@ of this command, and the harness prints ONE table:
 
 * time until every receiver holds a verified copy (each receiver's file read back and its SHA-1 matched;
   for vmcast also the receiver's own verified claim), as measured by :mod:`benchmarks.peers` /
-  :mod:`benchmarks.vmcast_runner`;
+  :mod:`benchmarks.vmcast_runner`: the headline;
 * that time divided by the *multicast physical limit*, image bits / link rate (the image once over the
-  sender's link; headers make ~1.03 the practical floor), and by the *unicast limit*, N times that (N
-  copies share the sender's uplink: HTTP's floor);
+  sender's link), and by the *unicast limit*, N times that (N copies share the sender's uplink: HTTP's floor);
+* time until the last receiver *finished* (exited with its copy, or reported it complete) and its ratio to
+  the multicast limit: for vmcast that includes the receiver's own SHA-1 verification and fsync, for the
+  peers neither; the headline adds the harness's own read-back and SHA-1 of every copy to it;
 * sender wire bytes / image size (Ethernet headers, retransmissions and control traffic included);
 * CPU seconds: of the tool's processes (sender and receivers, ``wait4``), and of the whole machine
   (``/proc/stat`` busy time over the run, so kernel networking, tbf, bridge and writeback included, minus
   this process's own SHA-1 re-checks, and for vmcast minus the untimed server start and manifest pre-warm);
 * receivers that did not end with a verified copy (wrong or partial).
+
+No tool can reach the multicast limit: every data frame carries headers. The printed conditions say how
+many wire bytes each tool's full data frame takes per image byte (Ethernet, IP, UDP or TCP and the tool's
+own header; :class:`~benchmarks.peers.DataFrame`), and so the least time its data alone takes at the link rate.
 
 It also writes one JSON line per run (``results.jsonl``, with the git commit), the table (``table.txt``), and
 PNGs from :mod:`benchmarks.plot` (completion time vs N and vs loss, one line per tool) when matplotlib is
@@ -53,7 +59,9 @@ from benchmarks.peers import (
     PEER_RUNNERS,
     UDPCAST_RATE_FRACTION,
     UFTP_RATE_FRACTION,
+    DataFrame,
     PeerResult,
+    peer_data_frame,
 )
 from benchmarks.testbed import LinkSpec, TestBed, testbed_available
 from benchmarks.vmcast_runner import (
@@ -61,6 +69,7 @@ from benchmarks.vmcast_runner import (
     VmcastDetails,
     machine_busy_seconds,
     run_vmcast,
+    vmcast_data_frame,
     vmcast_rate_bps,
 )
 
@@ -222,6 +231,13 @@ def wait_for_quiet_machine(max_wait: float, echo: Callable[[str], None]) -> floa
     return busy
 
 
+def data_frame(tool: str, settings: HarnessSettings) -> DataFrame:
+    """The tool's full-size data frame as the harness runs it (vmcast at ``--payload``; peers as they are set up)."""
+    if tool == "vmcast":
+        return vmcast_data_frame(payload=settings.payload, mtu=settings.mtu)
+    return peer_data_frame(tool, mtu=settings.mtu)
+
+
 def default_timeout(size_bytes: int, rate_mbit: float | None, receivers: int) -> float:
     """Per run: room for 8 loops of the multicast ideal (loss) or 2x the unicast ideal, plus start-up."""
     if rate_mbit is None:
@@ -253,6 +269,7 @@ def _one_run(tool: str, receivers: int, loss: float, zero_fraction: float, image
     wall_started = time.monotonic()
     with TestBed(receivers=receivers, link=link, receiver_links=[receiver_link] * receivers) as bed:
         rcvbuf_before = [host.rcvbuf_errors() for host in bed.hosts]
+        tbf_before = [bed.tbf_counters(host) for host in bed.hosts]
         machine_before, own_before, runner_started = machine_busy_seconds(), own_cpu_seconds(), time.monotonic()
         try:
             result, details, untimed_cpu = _run_tool(tool, bed, image, sha1, settings, loss, timeout, scratch,
@@ -265,9 +282,17 @@ def _one_run(tool: str, receivers: int, loss: float, zero_fraction: float, image
         runner_seconds = time.monotonic() - runner_started
         machine_cpu = machine_busy - (own_cpu_seconds() - own_before) - untimed_cpu
         rcvbuf = [host.rcvbuf_errors() - before for host, before in zip(bed.hosts, rcvbuf_before, strict=True)]
+        tbf = [{key: value - before[key] for key, value in bed.tbf_counters(host).items()}
+               for host, before in zip(bed.hosts, tbf_before, strict=True)]  # fmt: skip
     multicast_limit = size_bytes * 8 / (settings.rate_mbit * 1e6) if settings.rate_mbit else None
     seconds = result.seconds_until_all_verified
+    finished = result.seconds_until_last_finished
+    frame = data_frame(tool, settings)
     bad = sum(not ok for ok in result.per_receiver_sha1_ok)
+    notes = result.notes
+    if seconds is not None and finished is not None and multicast_limit is not None:
+        notes = (f"last receiver finished at {finished:.2f}s ({finished / multicast_limit:.3f}x the multicast limit), "
+                 f"every copy verified by the harness at {seconds:.2f}s ({seconds / multicast_limit:.3f}x); {notes}")  # fmt: skip
     return {
         "schema": SCHEMA_VERSION,
         "commit": commit[0],
@@ -291,16 +316,30 @@ def _one_run(tool: str, receivers: int, loss: float, zero_fraction: float, image
         "unicast_limit_seconds": None if multicast_limit is None else round(multicast_limit * receivers, 3),
         "ratio_multicast_limit": None if seconds is None or multicast_limit is None else round(seconds / multicast_limit, 3),
         "ratio_unicast_limit": None if seconds is None or multicast_limit is None else round(seconds / (multicast_limit * receivers), 3),
+        "seconds_until_last_finished": None if finished is None else round(finished, 3),
+        "ratio_finished_multicast_limit": None if finished is None or multicast_limit is None else round(finished / multicast_limit, 3),
+        # The tool's full data frame: wire bytes per image byte, and the multicast limit times that (its data alone).
+        "data_frame": {"payload_bytes": frame.payload, "wire_bytes": frame.wire, "wire_per_payload": round(frame.ratio, 4)},
+        "header_floor_seconds": None if multicast_limit is None else round(multicast_limit * frame.ratio, 3),
         "sender_wire_bytes": result.sender_wire_bytes,
         "wire_per_image": round(result.sender_wire_bytes / size_bytes, 3),
         "cpu_seconds_tool": round(result.cpu_seconds, 2),
         "cpu_seconds_machine": round(machine_cpu, 2),
         "rcvbuf_errors": {"sender": rcvbuf[0], "receivers": rcvbuf[1:]},
+        # The links' rate limits over the run: packets dropped at a full tbf queue (real loss, whatever --loss
+        # says) and packets that waited for tokens. Sender: its uplink; receivers: their downlinks.
+        "tbf": {
+            "sender_up_drops": tbf[0]["up_drops"],
+            "receivers_down_drops": [t["down_drops"] for t in tbf[1:]],
+            "sender_up_overlimits": tbf[0]["up_overlimits"],
+            "receivers_down_overlimits": [t["down_overlimits"] for t in tbf[1:]],
+            "receivers_up_drops": [t["up_drops"] for t in tbf[1:]],
+        },
         "wall_seconds": round(time.monotonic() - wall_started, 2),
         "busy_cores_before": round(busy_before, 2),
         # Everything, this harness and other sessions' work included: near `cores` means the cores were saturated.
         "busy_cores_during": round(machine_busy / runner_seconds, 2) if runner_seconds > 0 else None,
-        "notes": result.notes,
+        "notes": notes,
         "vmcast": details,
     }
 
@@ -310,6 +349,7 @@ def _one_run(tool: str, receivers: int, loss: float, zero_fraction: float, image
 _COLUMNS = [
     ("tool", 8, "tool"), ("N", 3, "receivers"), ("loss%", 5, "loss_percent"), ("image", 7, None),
     ("verified s", 10, "seconds_until_all_verified"), ("/mcast lim", 10, "ratio_multicast_limit"),
+    ("finished s", 10, "seconds_until_last_finished"), ("/lim", 5, "ratio_finished_multicast_limit"),
     ("/N*lim", 7, "ratio_unicast_limit"), ("wire/img", 8, "wire_per_image"), ("tool cpu s", 10, "cpu_seconds_tool"),
     ("machine cpu s", 13, "cpu_seconds_machine"), ("bad", 5, None),
 ]  # fmt: skip
@@ -323,7 +363,7 @@ def _cell(record: dict[str, Any], key: str | None, header: str) -> str:
     value = record[key]
     if value is None:
         return "FAILED" if key == "seconds_until_all_verified" else "-"
-    if key == "seconds_until_all_verified" and record.get("busy_cores_before", 0.0) > QUIET_BUSY_CORES:
+    if key in ("seconds_until_all_verified", "seconds_until_last_finished") and record.get("busy_cores_before", 0.0) > QUIET_BUSY_CORES:
         return f"*{value:.2f}"  # other work was running when it started
     if isinstance(value, float):
         return f"{value:g}" if key == "loss_percent" else f"{value:.2f}"
@@ -341,10 +381,13 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
 
 
 TABLE_FOOTNOTE = (
-    "verified s: start to the last receiver's copy read back with the right SHA-1 (vmcast: also its own verified\n"
-    "  claim; clock starts at the receivers' launch, after the server's manifest was pre-warmed). /mcast lim: that\n"
-    "  time / (image bits / link rate), the multicast floor (~1.03 with headers). /N*lim: / (N x that), the floor of\n"
-    "  N unicast copies sharing the sender's uplink (HTTP's). wire/img: sender lan0 tx bytes / image bytes.\n"
+    "verified s: start to the last receiver's copy read back by the harness with the right SHA-1 (vmcast: also its\n"
+    "  own verified claim; clock starts at the receivers' launch, after the server's manifest was pre-warmed).\n"
+    "  /mcast lim: that time / (image bits / link rate), the multicast limit (headers alone put each tool's floor\n"
+    "  above it: see 'headers' above the table). finished s: start to the last receiver exiting with its copy (uftp:\n"
+    "  uftpd reporting it); vmcast's has already checked its SHA-1 and fsynced, the peers' have not. /lim: that time /\n"
+    "  the multicast limit. /N*lim: verified s / (N x the limit), the floor of N unicast copies sharing the sender's\n"
+    "  uplink (HTTP's). wire/img: sender lan0 tx bytes / image bytes.\n"
     "  tool cpu s: sender + receiver processes. machine cpu s: /proc/stat busy over the run minus the harness's own\n"
     "  SHA-1 re-checks (kernel networking and writeback included). bad: receivers without a verified copy.\n"
     "  *: other work kept the shared cores busy when the run started (see busy_cores_before in the JSON).\n"
@@ -373,11 +416,36 @@ def conditions_text(settings: HarnessSettings, commit: tuple[str, bool], timeout
     ])  # fmt: skip
 
 
+def header_overhead_text(settings: HarnessSettings) -> str:
+    """One line: each tool's wire bytes per image byte in a full data frame, and what that makes of the limit."""
+    parts = []
+    ideal = settings.size_mib * BLOCK_BYTES * 8 / (settings.rate_mbit * 1e6) if settings.rate_mbit else None
+    for tool in settings.tools:
+        frame = data_frame(tool, settings)
+        part = f"{tool} {frame.wire}/{frame.payload} = {frame.ratio:.3f}"
+        if ideal is not None:
+            part += f" -> {ideal * frame.ratio:.2f}s"
+            if tool == "vmcast" and settings.vmcast_rate is None and VMCAST_RATE_FRACTION != 1.0:
+                part += f" ({ideal * frame.ratio / VMCAST_RATE_FRACTION:.2f}s at its {VMCAST_RATE_FRACTION:g} pacing)"
+        parts.append(part)
+    return ("headers: wire bytes per image byte of a full data frame (Ethernet frame as tbf meters it / image bytes in "
+            "it) -> the data alone at the link rate: " + "; ".join(parts))  # fmt: skip
+
+
 def _detail_line(record: dict[str, Any]) -> str:
     head = f"{record['tool']} N={record['receivers']} loss={record['loss_percent']:g}% {record['image']['kind']}:"
     rcvbuf = record["rcvbuf_errors"]
-    parts = [f"busy cores before {record.get('busy_cores_before')} during {record.get('busy_cores_during')}",
-             f"RcvbufErrors sender {rcvbuf['sender']} receivers {rcvbuf['receivers']}"]  # fmt: skip
+    parts = []
+    if record["all_verified"] and record.get("seconds_until_last_finished") is not None:
+        parts.append(f"last receiver finished {record['seconds_until_last_finished']:.2f}s "
+                     f"({record['ratio_finished_multicast_limit']}x limit), all verified by the harness "
+                     f"{record['seconds_until_all_verified']:.2f}s ({record['ratio_multicast_limit']}x)")  # fmt: skip
+    parts += [f"busy cores before {record.get('busy_cores_before')} during {record.get('busy_cores_during')}",
+              f"RcvbufErrors sender {rcvbuf['sender']} receivers {rcvbuf['receivers']}"]  # fmt: skip
+    tbf = record.get("tbf")
+    if tbf:
+        parts.append(f"tbf drops sender uplink {tbf['sender_up_drops']} receiver downlinks {tbf['receivers_down_drops']} "
+                     f"(overlimits {tbf['sender_up_overlimits']} / {tbf['receivers_down_overlimits']})")  # fmt: skip
     vmcast = record.get("vmcast")
     if vmcast:
         summaries = vmcast.get("receivers") or []
@@ -454,6 +522,7 @@ def run_benchmark(settings: HarnessSettings, *, echo: Callable[[str], None] = pr
         ideal = settings.size_mib * BLOCK_BYTES * 8 / (settings.rate_mbit * 1e6)
         echo(f"physical limits: multicast {ideal:.2f}s (image bits / link rate); unicast N x that "
              f"({', '.join(f'N={n}: {ideal * n:.1f}s' for n in settings.receiver_counts)})")  # fmt: skip
+    echo(header_overhead_text(settings))
     images = {}
     for fraction in settings.zero_fractions:
         started = time.monotonic()
@@ -474,13 +543,14 @@ def run_benchmark(settings: HarnessSettings, *, echo: Callable[[str], None] = pr
                         records.append(record)
                         with results_path.open("a") as stream:
                             stream.write(json.dumps(record, sort_keys=True) + "\n")
-                        seconds = record["seconds_until_all_verified"]
+                        seconds, finished = record["seconds_until_all_verified"], record["seconds_until_last_finished"]
                         echo(f"  {tool:8s} N={receivers} loss={loss:g}% {image_kind(fraction)}: "
-                             f"{'FAILED' if seconds is None else f'{seconds:.2f}s'} "
+                             f"{'FAILED' if seconds is None else f'{seconds:.2f}s all verified'}"
+                             f"{'' if finished is None else f', {finished:.2f}s last receiver finished'} "
                              f"({record['wall_seconds']:.0f}s with set-up)")  # fmt: skip
     table = format_table(records)
     details = "\n".join(_detail_line(record) for record in records)
-    text = f"{conditions}\n\n{table}\n\n{TABLE_FOOTNOTE}\n\n{details}\n"
+    text = f"{conditions}\n{header_overhead_text(settings)}\n\n{table}\n\n{TABLE_FOOTNOTE}\n\n{details}\n"
     (out / TABLE_FILE).write_text(text)
     echo("")
     echo(table)

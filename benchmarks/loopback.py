@@ -1,12 +1,21 @@
 """Loopback goodput and CPU cost: one `vmcast serve`, one `vmcast receive`, real multicast on 127.0.0.1.
 
-    python -m benchmarks.loopback [--size-mib 1024] [--payloads 1400 8192] [--rate 0] [--runs 1]
+    python -m benchmarks.loopback [--size-mib 1024] [--payloads 1400 8192] [--rate 0] [--runs 1] [--no-gso] [--no-gro]
 
 For each payload size it streams a random image unpaced (by default) to one receiver writing a file on disk,
-and prints: goodput (image bits / receiver wall time from lease to verified), loops the sender needed, the
-receiver's drop counters, kernel receive-buffer drops (/proc/net/snmp RcvbufErrors), and CPU seconds per GiB
-of the sender process and of the receiver process (user + sys from /proc and wait4). Sender and receiver
-share this machine's cores; the table says how many there are.
+and prints: goodput (image bits / the receiver's own time from joining to verified and synced), the receiver's
+wall time from process start to exit, the receiver's drop counters, the datagrams its socket dropped for a full
+buffer (below), and CPU seconds per GiB of the sender process and of the receiver process (user + sys from
+/proc and wait4). Sender and receiver share this machine's cores; the table says how many there are.
+``--no-gso`` and ``--no-gro`` are passed to ``vmcast serve`` and ``vmcast receive``.
+
+Kernel drops are the receiver's own socket's (its JSON ``kernel_drops``, read when it verified the image; not
+the machine-wide RcvbufErrors, which counts every process's UDP), in datagrams. The kernel counts what it
+would have queued whole: one datagram each, unless the receiver has UDP GRO on and the sender sends UDP GSO
+batches (the defaults), when a dropped batch counts once. Then the column shows the batches times the
+datagrams per batch the sender sends (its `batch_limit`): an upper bound, marked ``<=``. They include what
+arrived while the receiver, having received the last block, was hashing and syncing and no longer reading:
+with an unpaced sender its socket buffer overflows within milliseconds then, and nothing of that is needed.
 """
 
 from __future__ import annotations
@@ -21,8 +30,19 @@ import time
 from pathlib import Path
 
 import httpx
+from vmcast.protocol import HEADER_SIZE
+from vmcast.server.pacing import TokenBucket
+from vmcast.server.rates import parse_rate
+from vmcast.server.sender import batch_limit
+from vmcast.server.settings import IP_UDP_HEADER_SIZE
 
-from tests.e2e.processes import VMCAST, free_tcp_port, free_udp_port, stop, write_random_image
+from tests.e2e.processes import (
+    VMCAST,
+    free_tcp_port,
+    free_udp_port,
+    stop,
+    write_random_image,
+)
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -32,16 +52,34 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
 
-def rcvbuf_errors() -> int:
-    lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines() if line.startswith("Udp:")]
-    return int(lines[1][lines[0].index("RcvbufErrors")])
+def datagrams_per_batch(*, payload: int, rate: str) -> int:
+    """The most data datagrams the sender puts in one UDP GSO batch at this payload and rate (its own rule)."""
+    datagram_size = HEADER_SIZE + payload
+    rate_bps = parse_rate(rate)
+    bucket = TokenBucket(rate_bps=rate_bps, largest_cost=datagram_size + IP_UDP_HEADER_SIZE, now=0.0) if rate_bps else None
+    return batch_limit(datagram_size=datagram_size, bucket=bucket)
 
 
-def run_once(image_dir: Path, work: Path, *, payload: int, rate: str, size: int) -> dict:
+def kernel_drops_in_datagrams(summary: dict, *, payload: int, rate: str, gso: bool) -> tuple[int | None, bool]:
+    """``(datagrams, exact)`` the receiver's socket dropped, from its JSON summary (see the module docstring).
+
+    Exact when every queued packet was one datagram: the sender sent no GSO batches (``--no-gso``), or the
+    receiver had GRO off (the kernel then splits a batch and queues, or drops, each datagram), or the receiver
+    never received a coalesced batch. Otherwise an upper bound: dropped batches x datagrams per batch.
+    """
+    packets = summary.get("kernel_drops")
+    if packets is None:
+        return None, False
+    if not gso or not summary.get("gro") or not summary.get("coalesced"):
+        return packets, True
+    return packets * datagrams_per_batch(payload=payload, rate=rate), packets == 0
+
+
+def run_once(image_dir: Path, work: Path, *, payload: int, rate: str, size: int, gso: bool = True, gro: bool = True) -> dict:
     port = free_tcp_port()
     server = subprocess.Popen(
         [*VMCAST, "serve", "--images", str(image_dir), "--port", str(port), "--mcast-port", str(free_udp_port()),
-         "--payload", str(payload), "--rate", rate, "--cache-dir", str(work / "cache")],
+         "--payload", str(payload), "--rate", rate, "--cache-dir", str(work / "cache"), *([] if gso else ["--no-gso"])],
         stdout=(work / "server.log").open("w"), stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
@@ -61,10 +99,10 @@ def run_once(image_dir: Path, work: Path, *, payload: int, rate: str, size: int)
         time.sleep(1.2)
         output = work / "received.raw"
         output.unlink(missing_ok=True)
-        drops_before, server_cpu_before = rcvbuf_errors(), process_cpu_seconds(server.pid)
+        server_cpu_before = process_cpu_seconds(server.pid)
         started = time.monotonic()
         receiver = subprocess.Popen(
-            [*VMCAST, "receive", "bench.raw", "--server", url, "--output", str(output), "--json"],
+            [*VMCAST, "receive", "bench.raw", "--server", url, "--output", str(output), "--json", *([] if gro else ["--no-gro"])],
             stdout=subprocess.PIPE, stderr=(work / "receiver.log").open("w"), text=True,
         )
         _, status, usage = os.wait4(receiver.pid, 0)
@@ -73,10 +111,13 @@ def run_once(image_dir: Path, work: Path, *, payload: int, rate: str, size: int)
         out = receiver.stdout.read()
         summary = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
         code = os.waitstatus_to_exitcode(status)
+        drops, exact = kernel_drops_in_datagrams(summary, payload=payload, rate=rate, gso=gso)
         return {
             "payload": payload,
             "rate": rate,
             "size_bytes": size,
+            "gso": gso,
+            "gro": summary.get("gro", gro),
             "exit": code,
             "verified": code == 0,
             "wall_seconds": round(wall, 3),
@@ -84,7 +125,10 @@ def run_once(image_dir: Path, work: Path, *, payload: int, rate: str, size: int)
             "goodput_gbit": round(size * 8 / summary["seconds"] / 1e9, 3) if summary.get("seconds") else None,
             "sender_cpu_s_per_gib": round(server_cpu / (size / 2**30), 3),
             "receiver_cpu_s_per_gib": round((usage.ru_utime + usage.ru_stime) / (size / 2**30), 3),
-            "kernel_rcvbuf_drops": rcvbuf_errors() - drops_before,
+            "kernel_drops_packets": summary.get("kernel_drops"),
+            "kernel_drops_datagrams": drops,
+            "kernel_drops_exact": exact,
+            "coalesced_receives": summary.get("coalesced"),
             "receiver_drops": summary.get("drops"),
             "cores": os.cpu_count(),
         }
@@ -99,23 +143,31 @@ def main() -> int:
     parser.add_argument("--rate", default="0", help="sender rate (0 = unpaced)")
     parser.add_argument("--runs", type=int, default=1, help="runs per payload")
     parser.add_argument("--json", type=Path, help="also append JSON lines here")
+    parser.add_argument("--no-gso", action="store_true", help="vmcast serve --no-gso: one datagram per send")
+    parser.add_argument("--no-gro", action="store_true", help="vmcast receive --no-gro: one datagram per receive")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="vmcast-bench-", dir="/var/tmp") as tmp:
         work = Path(tmp)
         images = work / "images"
         images.mkdir()
         write_random_image(images / "bench.raw", args.size_mib)
-        print(f"loopback, 1 receiver, {args.size_mib} MiB random image, rate {args.rate}, {os.cpu_count()} cores shared by sender and receiver")
-        print(f"{'payload':>8} {'verified':>8} {'goodput':>12} {'sender cpu':>14} {'receiver cpu':>14} {'kernel drops':>12}  receiver drops")
+        print(f"loopback, 1 receiver, {args.size_mib} MiB random image, rate {args.rate}, UDP GSO {'off' if args.no_gso else 'on'}, "
+              f"UDP GRO {'off' if args.no_gro else 'on'}, {os.cpu_count()} cores shared by sender and receiver")
+        print(f"{'payload':>8} {'verified':>8} {'goodput':>12} {'receiver wall':>13} {'sender cpu':>14} {'receiver cpu':>14} "
+              f"{'kernel drops':>14}  receiver drops")  # fmt: skip
         for payload in args.payloads:
             for _ in range(args.runs):
-                result = run_once(images, work, payload=payload, rate=args.rate, size=args.size_mib << 20)
-                print(f"{payload:>8} {str(result['verified']):>8} {result['goodput_gbit'] or 0:>8.2f} Gb/s "
+                result = run_once(images, work, payload=payload, rate=args.rate, size=args.size_mib << 20, gso=not args.no_gso, gro=not args.no_gro)
+                drops = result["kernel_drops_datagrams"]
+                drops_text = "?" if drops is None else f"{'' if result['kernel_drops_exact'] else '<='}{drops}"
+                print(f"{payload:>8} {str(result['verified']):>8} {result['goodput_gbit'] or 0:>8.2f} Gb/s {result['wall_seconds']:>11.2f} s "
                       f"{result['sender_cpu_s_per_gib']:>8.2f} s/GiB {result['receiver_cpu_s_per_gib']:>8.2f} s/GiB "
-                      f"{result['kernel_rcvbuf_drops']:>12}  {result['receiver_drops']}")
+                      f"{drops_text:>14}  {result['receiver_drops']}")  # fmt: skip
                 if args.json:
                     with args.json.open("a") as handle:
                         handle.write(json.dumps(result) + "\n")
+        print("kernel drops: datagrams the receiver's socket dropped for a full buffer (<=: GSO batches dropped whole, "
+              "counted at the sender's batch size), hashing and syncing after the last block included")
     return 0
 
 

@@ -5,10 +5,12 @@
     python -m benchmarks.simulate --receivers 1000 --loss 1% ge:1%:20 --late --json out.jsonl
     python -m benchmarks.simulate --receivers 1000 --loss 1% --set REQUEST_INTERVAL=0.1 --set REORDER_MARGIN=8
     python -m benchmarks.simulate --tune --receivers 1000 --loss 1%
+    python -m benchmarks.simulate --repair fec --receivers 10000 --loss 1% 5% ge:1%:20 --jobs 2
 
 vmcast.protocol is sans-IO, so the real `Carousel` (sender, with its repair queue) and, per receiver, the real
 `Assembly` and `RepairPlanner` run in one process with explicit time (benchmarks/simulation/model.py says
-exactly what is modelled). Each receiver's completion time is measured from its own join and given as a
+exactly what is modelled). Each scenario runs with per-frame NACK repair (`--repair nack`) and with per-block
+RaptorQ parity (`--repair fec`: real symbols, real decoding), both by default. Each receiver's completion time is measured from its own join and given as a
 multiple of one loop at the link rate, the physical limit for the image (a single receiver without loss
 needs that plus one metadata datagram).
 
@@ -18,6 +20,9 @@ timers keep their real values in seconds: what repair latency costs relative to 
 What is not: a model frame stands for ~380 real ones, so REORDER_MARGIN (in frames) is ~380 times longer
 in time than on a 1 Gbit/s link, and a receiver loses ~380 times fewer frames per request interval (so
 MAX_RANGES_PER_REQUEST never binds here); run with `--frames 767000 --link-rate 1e9 --receivers 1` for those.
+
+Real decoding costs ~4 ms per block and receiver (2 CPU minutes at 10,000 receivers); `--fec-decode count`
+counts a decodable block as recovered instead (the smoke test checks both agree on a small run).
 
 Besides the protocol runs it prints a counting model of per-frame NACK repair versus per-block parity (FEC)
 for the same loss models (benchmarks/simulation/fec.py; needs numpy, which vmcast does not depend on).
@@ -51,6 +56,7 @@ DEFAULT_RECEIVERS = (1, 100, 1000, 10_000)
 QUICK_RECEIVERS = (1, 100, 1000)
 DEFAULT_LOSSES = ("1%", "5%", "ge:1%:20")
 QUICK_LOSSES = ("1%", "ge:1%:20")
+REPAIR_MODES = ("nack", "fec")
 
 # Tuning: each line is one run's overrides; the first is the protocol as it is.
 TUNING_GRID: tuple[dict[str, float], ...] = (
@@ -68,20 +74,23 @@ TUNING_GRID: tuple[dict[str, float], ...] = (
     {"MAX_REPAIRS_IN_A_ROW": 2},
     {"MAX_REPAIRS_IN_A_ROW": 4},
     {"REQUEST_INTERVAL": 0.1, "REORDER_MARGIN": 8, "REREQUEST_AFTER": 0.5},
+    {"PARITY_SPARE": 0},
+    {"PARITY_SPARE": 4},
 )
 
 
 def default_scenarios(receivers: tuple[int, ...], losses: tuple[str, ...], *, late: bool, baseline: bool,
-                      no_repair: tuple[int, ...], skip: tuple[tuple[int, str], ...] = ()) -> list[Scenario]:
+                      no_repair: tuple[int, ...], skip: tuple[tuple[int, str], ...] = (),
+                      modes: tuple[str, ...] = REPAIR_MODES) -> list[Scenario]:
     scenarios = [Scenario(1)] if baseline else []
     for n in receivers:
         for loss in losses:
             if (n, loss) not in skip:
-                scenarios.append(Scenario(n, LossModel.parse(loss)))
+                scenarios.extend(Scenario(n, LossModel.parse(loss), fec=mode == "fec") for mode in modes)
     if late:
         for n in receivers:
             if n > 1:
-                scenarios.append(Scenario(n, LossModel.parse(losses[0]), join_spread=1.0))
+                scenarios.extend(Scenario(n, LossModel.parse(losses[0]), join_spread=1.0, fec=mode == "fec") for mode in modes)
     for n in no_repair:
         scenarios.append(Scenario(n, LossModel.parse(losses[0]), repair=False))
     return scenarios
@@ -99,10 +108,10 @@ def _image(frames: int, frame_size: int) -> Image:
     return _images[key]
 
 
-def _run_one(job: tuple[Scenario, int, int, float, int, dict[str, float], bool, dict[str, object]]) -> Result:
-    scenario, frames, frame_size, link_rate, seed, overrides, feed_duplicates, variant = job
+def _run_one(job: tuple[Scenario, int, int, float, int, dict[str, float], bool, dict[str, object], str]) -> Result:
+    scenario, frames, frame_size, link_rate, seed, overrides, feed_duplicates, variant, decode = job
     return simulate(scenario, _image(frames, frame_size), link_rate=link_rate, seed=seed, overrides=overrides,
-                    feed_duplicates=feed_duplicates, variant=variant)
+                    feed_duplicates=feed_duplicates, variant=variant, decode=decode)
 
 
 def run_all(jobs: list[tuple], *, processes: int, progress) -> list[Result]:
@@ -114,7 +123,7 @@ def run_all(jobs: list[tuple], *, processes: int, progress) -> list[Result]:
         return results
     with concurrent.futures.ProcessPoolExecutor(max_workers=processes) as pool:
         # The biggest first, so that the processes finish together; results come back in the jobs' order.
-        order = sorted(range(len(jobs)), key=lambda i: -jobs[i][0].receivers)
+        order = sorted(range(len(jobs)), key=lambda i: -jobs[i][0].receivers * (4 if jobs[i][0].fec else 1))
         futures = {i: pool.submit(_run_one, jobs[i]) for i in order}
         for future in concurrent.futures.as_completed(futures.values()):
             progress(future.result())
@@ -128,7 +137,7 @@ def fmt_loops(value: float) -> str:
     return "never" if value == math.inf else f"{value:.2f}"
 
 
-def conditions(image: Image, link_rate: float, seed: int, processes: int, constants: dict[str, float]) -> list[str]:
+def conditions(image: Image, link_rate: float, seed: int, processes: int, constants: dict[str, float], decode: str = "real") -> list[str]:
     layout = image.manifest.layout
     loop = image.loop_bits / link_rate
     datagram = image.frame_size + 16 + IP_UDP_BYTES
@@ -141,27 +150,30 @@ def conditions(image: Image, link_rate: float, seed: int, processes: int, consta
         ("loss: per receiver and datagram (data, repair, metadata); 'indep' = Bernoulli, 'burst B' = Gilbert (bad state loses "
          "all, mean burst B datagrams); requests reach the sender in 1 ms and are lost at the mean rate"),
         f"seed {seed}; cores used: 1 per scenario ({processes} scenario{'s' if processes > 1 else ''} at a time)",
+        ("repair: 'nack' = per-frame requests; 'fec' = per-block RaptorQ parity requests, real symbols, blocks decoded "
+         f"{'for real' if decode == 'real' else 'NOT decoded, counted recovered (--fec-decode count)'}"),
         "protocol constants: " + ", ".join(f"{name}={value:g}" for name, value in constants.items()),
     ]
 
 
-TABLE_HEADER = (f"{'scenario':<34} {'p50':>5} {'p99':>5} {'max':>5} {'incompl':>7} {'repair':>7} {'useless':>7} "
+TABLE_HEADER = (f"{'scenario':<40} {'p50':>5} {'p99':>5} {'max':>5} {'incompl':>7} {'repair':>7} {'useless':>7} "
                 f"{'req/rcv':>7} {'wire':>6} {'loops':>5} {'cpu s':>6}")
 
 
 def table_row(result: Result, label: str | None = None) -> str:
     s = result.summary()
-    return (f"{label or result.scenario.name:<34} {fmt_loops(s['p50']):>5} {fmt_loops(s['p99']):>5} {fmt_loops(s['max']):>5} "
+    return (f"{label or result.scenario.name:<40} {fmt_loops(s['p50']):>5} {fmt_loops(s['p99']):>5} {fmt_loops(s['max']):>5} "
             f"{s['incomplete']:>7} {s['repair_fraction']:>7.3f} {s['useless_repair_fraction']:>7.3f} "
             f"{s['requests_per_receiver']:>7.1f} {s['wire_per_image']:>6.2f} {s['carousel_loops']:>5.2f} {s['cpu_seconds']:>6.1f}")
 
 
 TABLE_LEGEND = [
     "p50/p99/max: completion from join, in loops; incompl: receivers not COMPLETE when the run stopped (40 loops);",
-    "repair: repair frames sent / image frames; useless: repair frames no receiver that got them needed, / image frames;",
+    "repair: repair datagrams sent (requested frames and parity frames) / image frames; useless: repair datagrams no",
+    "  receiver that got them kept, / image frames;",
     "req/rcv: repair requests sent per receiver; wire: all datagrams sent (carousel, repair, metadata) / image frames;",
     "loops: carousel frames sent / image frames (the carousel runs at half rate while repairs are pending);",
-    "cpu s: CPU seconds the scenario took (one core).",
+    "cpu s: CPU seconds the scenario took (one core; with fec, ~4 ms per block decoded per receiver).",
 ]
 
 
@@ -223,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loss", nargs="+", help="loss models: none, 1%%, 0.05, ge:1%%:20 (default " + " ".join(DEFAULT_LOSSES).replace("%", "%%") + ")")
     parser.add_argument("--late", action="store_true", help="also late joiners (joining uniformly over the first loop, first loss model)")
     parser.add_argument("--no-repair", type=int, nargs="*", default=None, help="also these receiver counts with repair off")
+    parser.add_argument("--repair", nargs="+", choices=REPAIR_MODES, default=list(REPAIR_MODES),
+                        help="repair modes to run: nack (per-frame requests), fec (per-block parity); default both")
+    parser.add_argument("--fec-decode", choices=("real", "count"), default="real",
+                        help="fec: decode every recovered block for real (default), or count it recovered (faster)")
     parser.add_argument("--frames", type=int, default=2000, help="image frames (default 2000)")
     parser.add_argument("--frame-size", type=int, default=1400, help="data frame payload bytes (default 1400)")
     parser.add_argument("--loop-seconds", type=float, default=10.0, help="scale the link so one loop lasts this long (default 10)")
@@ -254,14 +270,14 @@ def main(argv: list[str] | None = None) -> int:
         link_rate = args.link_rate or image.loop_bits / args.loop_seconds
         with overridden(overrides) as constants:
             pass
-        for line in conditions(image, link_rate, args.seed, args.jobs, constants):
+        for line in conditions(image, link_rate, args.seed, args.jobs, constants, args.fec_decode):
             print(line, file=out)
         if variant:
             print("DESIGN EXPERIMENT, not the protocol: " + ", ".join(f"{k}={v}" for k, v in variant.items()), file=out)
         if args.tune:
             grid = [dict(point, **overrides) for point in TUNING_GRID]
-            scenarios = [Scenario(n, LossModel.parse(loss)) for n in receivers for loss in losses]
-            jobs = [(scenario, args.frames, args.frame_size, link_rate, args.seed, point, args.feed_duplicates, variant)
+            scenarios = [Scenario(n, LossModel.parse(loss), fec=mode == "fec") for n in receivers for loss in losses for mode in args.repair]
+            jobs = [(scenario, args.frames, args.frame_size, link_rate, args.seed, point, args.feed_duplicates, variant, args.fec_decode)
                     for scenario in scenarios for point in grid]
         else:
             explicit = args.receivers is not None or args.loss is not None
@@ -269,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             # 10,000 receivers at 5% loss costs as much CPU as two other scenarios: ask for it explicitly.
             skip = () if explicit else ((10_000, "5%"),)
             scenarios = default_scenarios(receivers, losses, late=args.late or not explicit, baseline=not explicit,
-                                          no_repair=no_repair, skip=skip)
-            jobs = [(scenario, args.frames, args.frame_size, link_rate, args.seed, overrides, args.feed_duplicates, variant)
+                                          no_repair=no_repair, skip=skip, modes=tuple(args.repair))
+            jobs = [(scenario, args.frames, args.frame_size, link_rate, args.seed, overrides, args.feed_duplicates, variant, args.fec_decode)
                     for scenario in scenarios]
 
         def progress(result: Result) -> None:
@@ -281,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.tune:
             for scenario in scenarios:
                 print(f"tuning, {scenario.name}:", file=out)
-                print(f"{'overrides':<34} {TABLE_HEADER[35:]}", file=out)
+                print(f"{'overrides':<40} {TABLE_HEADER[41:]}", file=out)
                 for job, result in zip(jobs, results):
                     if result.scenario == scenario:
                         label = ", ".join(f"{k}={v:g}" for k, v in job[5].items()) or "(protocol as is)"

@@ -479,6 +479,28 @@ class TestBed:
         """The link spec ``host`` was built with (loss may since have changed)."""
         return self._links[host.netns]
 
+    def tbf_counters(self, host: Host) -> dict[str, int]:
+        """Packets the rate limit of ``host``'s link dropped (its queue full) and held back so far, both ways.
+
+        ``up_*``: the tbf on the host's own egress (what it sends); ``down_*``: the tbf on its hub port (what
+        reaches it). ``drops`` are packets lost to a full queue; ``overlimits`` counts times a packet had to
+        wait for tokens (queueing, not loss). All zeros for an unlimited link (it has no tbf).
+
+        Error handling: :class:`TestBedError` if ``tc`` fails.
+        """
+        if host.netns not in self._links:
+            raise ValueError(f"{host!r} is not part of this bed")
+        counters = {"up_drops": 0, "up_overlimits": 0, "down_drops": 0, "down_overlimits": 0}
+        if self._links[host.netns].rate_mbit is None:
+            return counters
+        for direction, netns, interface in (("up", host.netns, host.interface), ("down", self.hub_netns, self._hub_port(host))):
+            completed = _run_checked(["tc", "-n", netns, "-s", "-j", "qdisc", "show", "dev", interface], capture=True)
+            for qdisc in json.loads(completed.stdout):
+                if qdisc.get("kind") == "tbf":
+                    counters[f"{direction}_drops"] += int(qdisc.get("drops", 0))
+                    counters[f"{direction}_overlimits"] += int(qdisc.get("overlimits", 0))
+        return counters
+
     def set_loss(self, host: Host, percent: float) -> None:
         """Drop ``percent`` % of the UDP datagrams arriving at ``host`` from now on (0 stops it).
 

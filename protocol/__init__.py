@@ -1,13 +1,15 @@
 """vmcast's wire format and reassembly state machine, with no I/O at all (docs/PROTOCOL.md).
 
 The codec (`frames`) turns bytes into frames and back; `metadata` parses and builds what a stream announces
-about its image; `assembly` is the receiver's state machine; `carousel` is the sender's schedule.
+about its image; `assembly` is the receiver's state machine; `carousel` is the sender's schedule; `repair`
+turns losses into requests and requests into a work list; `fec` makes and decodes per-block RaptorQ parity.
 """
 
 from .assembly import (
     Assembly,
     AssemblyState,
     BlockCorrupt,
+    BlockRecovered,
     BlockVerified,
     Checkpoint,
     DataReceived,
@@ -15,9 +17,15 @@ from .assembly import (
     ImageCorrupt,
     ImageVerified,
     MetadataReceived,
+    PARITY_MEMORY_LIMIT,
+    PARITY_SPARE,
+    ParityReceived,
+    ParityUnused,
+    RecoveryFailed,
     StreamFailed,
 )
-from .carousel import METADATA_INTERVAL, Carousel, Idle, SendData, SendMetadata
+from .carousel import METADATA_INTERVAL, Carousel, Idle, SendData, SendMetadata, SendParity
+from .fec import FEC_SCHEME, ParityEncoder, decode_block, fec_possible, stream_fec_possible
 from .repair import (
     REPAIR_REQUEST_OFFSET,
     RepairPlanner,
@@ -34,14 +42,18 @@ from .frames import (
     HEADER_SIZE,
     MAX_DATAGRAM,
     METADATA_OFFSET,
+    PARITY_FLAG,
     DataFrame,
     Dropped,
     DropReason,
     MetadataFrame,
+    ParityFrame,
     decode,
     encode_data,
     encode_header,
     encode_metadata,
+    encode_parity_header,
+    parity_fields,
 )
 from .metadata import (
     METADATA_PAYLOAD_LIMIT,

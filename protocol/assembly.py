@@ -20,6 +20,14 @@ States and their rules::
   learned from the data, blocks are bookkeeping units with nothing to check, and SHA-1 decides at the end.
 * Received data is tracked in a bitarray with one bit per frame; memory is one bit per frame plus 4 bytes per
   block (about 100 KB and 4 KB for a 1 GiB image in 1400-byte frames).
+
+Parity (docs/PROTOCOL.md section 8), only when metadata says ``"fec": "raptorq"`` and the stream has block
+checksums: a parity frame of block ``b`` is kept (copied) while ``b`` is unverified and misses frames, up to
+the frames it misses plus `PARITY_SPARE` symbols and `PARITY_MEMORY_LIMIT` bytes over all blocks; any other
+is counted in `parity_unused` and returned as `ParityUnused`. When frames held plus parity held reach the
+block's frame count, `ParityReceived.decodable` (or `DataReceived.decodable_block`) says so; the caller then
+calls `recover_block` with the block's bytes as written, writes the frames `BlockRecovered` names and checks
+the block with `check_block` like any complete block: parity never bypasses the block checksum.
 """
 
 from __future__ import annotations
@@ -33,8 +41,29 @@ import xxhash
 from bitarray import bitarray
 
 from .errors import LocalProtocolError, MetadataConflict, RemoteProtocolError
-from .frames import HEADER, HEADER_SIZE, METADATA_OFFSET, COOKIE_SIZE, DropReason, Dropped, decode_metadata_payload
+from .fec import FEC_SCHEME, decode_block, stream_fec_possible
+from .frames import (
+    COOKIE_SIZE,
+    HEADER,
+    HEADER_SIZE,
+    METADATA_OFFSET,
+    PARITY_FLAG,
+    DropReason,
+    Dropped,
+    decode_metadata_payload,
+    parity_fields,
+)
 from .metadata import Layout, StreamMetadata, default_block_size, parse_metadata
+
+# Parity symbols a block keeps beyond the frames it misses. Decoding from exactly K symbols fails ~1% of the
+# time (RFC 6330: 1 in 100 at K, 1 in 10,000 at K + 1); a receiver that failed needs one more symbol, and
+# the sender sends the most any receiver asked for, so a receiver often gets one or two more than it needs:
+# keeping two spare makes a failed decode almost never wait for another request round.
+PARITY_SPARE = 2
+# Bytes of parity symbols one assembly holds at most, over all blocks (64 MiB: ~48,000 symbols of 1400
+# bytes, the parity of ~64 blocks missing everything). Parity is only asked for blocks the carousel passed,
+# so this binds only for parity others asked for, of blocks this receiver has not been sent yet.
+PARITY_MEMORY_LIMIT = 64 << 20
 
 
 class AssemblyState(enum.Enum):
@@ -76,6 +105,57 @@ class DataReceived:
     """The bytes (a view into the datagram)."""
     completed_block: int | None
     """A block that this frame completed and that can be checked now: call `check_block` after writing."""
+    decodable_block: int | None = None
+    """A block that this frame made decodable with the parity held for it: after writing this frame, call
+    `recover_block` (parity streams only; at most one of this and `completed_block` is set)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ParityReceived:
+    """A parity symbol of an unverified block was kept (copied: the datagram buffer may be reused)."""
+
+    block: int
+    """The block it repairs."""
+    esi: int
+    """Its RaptorQ encoding symbol id."""
+    decodable: bool
+    """True when frames held plus parity held now reach the block's frame count: call `recover_block` with
+    the block's bytes as written."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ParityUnused:
+    """A well-formed parity symbol that was not kept (counted in `Assembly.parity_unused`)."""
+
+    block: int
+    esi: int
+    reason: str
+    """Why: ``"verified"`` (the block is verified), ``"complete"`` (every frame held), ``"duplicate"`` (this
+    symbol is held already), ``"enough"`` (missing frames + `PARITY_SPARE` held), ``"memory"``
+    (`PARITY_MEMORY_LIMIT` reached). Stable values: they name metrics."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockRecovered:
+    """`recover_block` decoded the block: write `frames`, then read the block back and call `check_block`."""
+
+    block: int
+    frames: tuple[tuple[int, bytes], ...]
+    """``(image offset, bytes)`` of every frame of the block that was missing; they now count as held."""
+    checksum_known: bool
+    """True: call `check_block` now. False: the block's checksum has not arrived yet; a later
+    `MetadataReceived.blocks_to_check` names the block (as for a block completed by data frames)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecoveryFailed:
+    """`recover_block` could not decode yet (RaptorQ from K symbols fails ~1% of the time): one more symbol of
+    this block is needed. The parity is kept; `parity_held` now counts one less, so the repair planner asks
+    for one more and the next symbol makes the block decodable again."""
+
+    block: int
+    symbols: int
+    """Symbols (frames held + parity held) the attempt used."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -126,7 +206,7 @@ class ImageCorrupt:
     actual: str
 
 
-DatagramEvent = MetadataReceived | DataReceived | Duplicate | Dropped | StreamFailed
+DatagramEvent = MetadataReceived | DataReceived | Duplicate | ParityReceived | ParityUnused | Dropped | StreamFailed
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -179,6 +259,17 @@ class Assembly:
         self._frames_per_block = 1
         self._last_block = -1
         self._frames_in_last_block = 0
+        self._fec = False
+        self.parity_held = array("I")
+        """Per block, parity symbols held that count toward decoding it: symbols kept less one per failed
+        decode attempt (`RecoveryFailed`). Read by `RepairPlanner`; never write it."""
+        self._parity: dict[int, dict[int, bytes]] = {}  # block -> esi -> symbol
+        self._parity_failures: dict[int, int] = {}
+        self._parity_bytes = 0
+        self.parity_kept = 0
+        self.parity_unused = 0
+        self.blocks_recovered = 0
+        self.recoveries_failed = 0
 
     # -- progress --------------------------------------------------------------------------------------------
 
@@ -194,6 +285,16 @@ class Assembly:
     @property
     def length(self) -> int | None:
         return self.metadata.length if self.metadata else None
+
+    @property
+    def fec(self) -> bool:
+        """Whether this stream takes parity frames (metadata said ``"fec": "raptorq"``, with block checksums)."""
+        return self._fec
+
+    @property
+    def parity_bytes(self) -> int:
+        """Bytes of parity symbols held now (at most `PARITY_MEMORY_LIMIT`)."""
+        return self._parity_bytes
 
     @property
     def held_frames(self) -> bitarray:
@@ -244,6 +345,8 @@ class Assembly:
             return self._drop(DropReason.EMPTY_PAYLOAD, f"at {offset}")
         end = offset + size
         if end > metadata.length:
+            if offset & PARITY_FLAG and self._fec:
+                return self._receive_parity(offset, datagram, size)
             return self._drop(DropReason.PAST_END, f"[{offset}, {end}) past {metadata.length}")
         layout = self.layout
         if layout is None:
@@ -263,10 +366,52 @@ class Assembly:
         block_frames = self._block_frames
         block_frames[block] += 1
         completed = None
-        if block_frames[block] == (self._frames_per_block if block != self._last_block else self._frames_in_last_block):
+        frames_in_block = self._frames_per_block if block != self._last_block else self._frames_in_last_block
+        if block_frames[block] == frames_in_block:
             if not self._has_block_checksums or self._checksums[block] is not None:
                 completed = block
+        elif self._parity and self.parity_held[block] and block_frames[block] + self.parity_held[block] == frames_in_block:
+            return DataReceived(offset=offset, payload=memoryview(datagram)[HEADER_SIZE:], completed_block=None, decodable_block=block)
         return DataReceived(offset=offset, payload=memoryview(datagram)[HEADER_SIZE:], completed_block=completed)
+
+    def _receive_parity(self, offset: int, datagram: bytes | bytearray | memoryview, size: int) -> ParityReceived | ParityUnused | Dropped:
+        fields = parity_fields(offset)
+        if fields is None:
+            return self._drop(DropReason.PAST_END, f"offset {offset:#x} past {self.layout.length}")
+        block, esi = fields
+        layout = self.layout
+        if block >= layout.block_count:
+            return self._drop(DropReason.MALFORMED_PARITY, f"parity of block {block}, the image has {layout.block_count}")
+        frames_in_block = layout.frames_in_block(block)
+        if esi < frames_in_block:
+            return self._drop(DropReason.MALFORMED_PARITY, f"parity ESI {esi} of block {block} names a source symbol")
+        if size != layout.frame_size:
+            return self._drop(DropReason.MALFORMED_PARITY, f"parity symbol of {size} bytes, frame size {layout.frame_size}")
+        held = self._block_frames[block]
+        symbols = self._parity.get(block)
+        kept = len(symbols) if symbols else 0
+        if self._verified[block]:
+            return self._unused(block, esi, "verified")
+        if held == frames_in_block:
+            return self._unused(block, esi, "complete")
+        if symbols and esi in symbols:
+            return self._unused(block, esi, "duplicate")
+        if kept >= frames_in_block - held + PARITY_SPARE:
+            return self._unused(block, esi, "enough")
+        if self._parity_bytes + size > PARITY_MEMORY_LIMIT:
+            return self._unused(block, esi, "memory")
+        if symbols is None:
+            symbols = self._parity[block] = {}
+        symbols[esi] = bytes(memoryview(datagram)[HEADER_SIZE:])
+        self._parity_bytes += size
+        self.parity_kept += 1
+        counted = max(0, kept + 1 - self._parity_failures.get(block, 0))
+        self.parity_held[block] = counted
+        return ParityReceived(block=block, esi=esi, decodable=held + counted >= frames_in_block)
+
+    def _unused(self, block: int, esi: int, reason: str) -> ParityUnused:
+        self.parity_unused += 1
+        return ParityUnused(block=block, esi=esi, reason=reason)
 
     def _receive_metadata(self, payload: memoryview) -> MetadataReceived | Dropped | StreamFailed:
         decoded = decode_metadata_payload(payload)
@@ -292,6 +437,9 @@ class Assembly:
         if isinstance(ready, StreamFailed):
             return ready
         zeros = self._take_zero_blocks(metadata.zero_runs, ready) if metadata.zero_runs and self.layout else ()
+        if metadata.fec == FEC_SCHEME and not self._fec and self.layout is not None and self._has_block_checksums:
+            layout = self.layout
+            self._fec = stream_fec_possible(length=layout.length, frame_size=layout.frame_size, block_size=layout.block_size)
         if not had_layout and self.layout is not None and self._verified_count == len(self._verified):
             # An empty image, or a resumed one that was already whole: nothing left to receive.
             self.state = AssemblyState.VERIFYING_IMAGE
@@ -336,6 +484,7 @@ class Assembly:
         self._verified = bitarray(layout.block_count)
         self._verified.setall(0)
         self._checksums = [None] * layout.block_count
+        self.parity_held = array("I", bytes(4 * layout.block_count))
         self.state = AssemblyState.RECEIVING
         self._apply_checkpoint()
 
@@ -430,9 +579,67 @@ class Assembly:
                 return BlockCorrupt(block=block, expected=expected, actual=actual)
         self._verified[block] = 1
         self._verified_count += 1
+        if self._parity:
+            self._drop_parity(block)
         if self._verified_count == layout.block_count:
             self.state = AssemblyState.VERIFYING_IMAGE
         return BlockVerified(block=block, image_complete=self.state is AssemblyState.VERIFYING_IMAGE)
+
+    def recover_block(self, block: int, data: bytes | bytearray | memoryview) -> BlockRecovered | RecoveryFailed:
+        """Decode a block from its frames held and its parity held (after `ParityReceived.decodable` or
+        `DataReceived.decodable_block`).
+
+        `data` is the block's bytes as written on the target: the frames held must be right there; what is
+        at the missing frames does not matter. On success every frame of the block counts as held and
+        `BlockRecovered.frames` are the bytes to write; then read the block back and call `check_block`
+        exactly as for a block completed by data frames (a wrong symbol makes a wrong block, which its
+        checksum catches: `BlockCorrupt`, and the block and its parity are forgotten).
+
+        Error handling: raises `LocalProtocolError` if the stream takes no parity, the block does not exist,
+        is verified or complete, is not decodable (frames held + `parity_held` < its frames), or `data` is
+        not the block's size. Cost: one RaptorQ decode, 1-6 ms for a 1 MiB block.
+        """
+        layout = self.layout
+        if not self._fec or layout is None or not 0 <= block < layout.block_count:
+            raise LocalProtocolError(f"no parity block {block} in this stream")
+        frames_in_block = layout.frames_in_block(block)
+        held = self._block_frames[block]
+        if self._verified[block] or held == frames_in_block:
+            raise LocalProtocolError(f"block {block} has all its frames: check it, do not recover it")
+        if held + self.parity_held[block] < frames_in_block:
+            raise LocalProtocolError(f"block {block} is not decodable: {held} frames and {self.parity_held[block]} symbols of {frames_in_block}")
+        start, end = layout.block_span(block)
+        if len(data) != end - start:
+            raise LocalProtocolError(f"block {block} is {end - start} bytes, got {len(data)}")
+        frame_size, first = layout.frame_size, block * self._frames_per_block
+        view, received = memoryview(data), self._received
+        present = [(index, view[index * frame_size : (index + 1) * frame_size]) for index in range(frames_in_block) if received[first + index]]
+        symbols = self._parity.get(block, {})
+        decoded = decode_block(block_length=end - start, frame_size=frame_size, held=present, parity=symbols.items())
+        if decoded is None:
+            self.recoveries_failed += 1
+            self._parity_failures[block] = failures = self._parity_failures.get(block, 0) + 1
+            self.parity_held[block] = max(0, len(symbols) - failures)
+            return RecoveryFailed(block=block, symbols=held + len(symbols))
+        frames = []
+        for index in range(frames_in_block):
+            if not received[first + index]:
+                piece = decoded[index * frame_size : (index + 1) * frame_size]
+                frames.append((start + index * frame_size, piece))
+                self._received_bytes += len(piece)
+        received[first : first + frames_in_block] = 1
+        self._block_frames[block] = frames_in_block
+        self._drop_parity(block)
+        self.blocks_recovered += 1
+        return BlockRecovered(block=block, frames=tuple(frames), checksum_known=self._checksum_known(block))
+
+    def _drop_parity(self, block: int) -> None:
+        symbols = self._parity.pop(block, None)
+        if symbols:
+            self._parity_bytes -= sum(len(symbol) for symbol in symbols.values())
+        self._parity_failures.pop(block, None)
+        if self.parity_held:
+            self.parity_held[block] = 0
 
     def accept_block(self, block: int, data: bytes | bytearray | memoryview) -> BlockVerified | BlockCorrupt:
         """Take a whole block that arrived out of band (the HTTP fallback), as written to the target.
@@ -490,6 +697,8 @@ class Assembly:
         self._received_bytes -= held_bytes
         self._received[first:stop] = 0
         self._block_frames[block] = 0
+        if self._parity:
+            self._drop_parity(block)  # a corrupt block may owe it to a wrong symbol: take new ones
         if self._verified[block]:
             self._verified[block] = 0
             self._verified_count -= 1

@@ -3,13 +3,17 @@
 A carousel loops over the image's frames forever, in order, so a receiver that joins at any moment has
 everything after one loop. Metadata goes out at the start of every loop and again whenever
 `METADATA_INTERVAL` seconds have passed, so a late joiner waits at most that long to learn the image.
+
+Repairs go out ahead of the carousel, at most `MAX_REPAIRS_IN_A_ROW` before each carousel frame: requested
+frames (`SendData` with ``repair=True``) and, when the manifest has ``fec``, parity symbols (`SendParity`),
+the two taking turns when both are pending.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .frames import HEADER, encode_header, encode_metadata
+from .frames import HEADER, encode_header, encode_metadata, encode_parity_header
 from .metadata import METADATA_PAYLOAD_LIMIT, Manifest
 from .repair import RepairQueue, RepairRequest
 
@@ -33,6 +37,26 @@ class SendData:
     length: int
     repair: bool = False
     """True for a frame resent because a receiver asked: send it from the repair socket (docs/PROTOCOL.md 7)."""
+
+
+# Not frozen, like SendData (one per parity datagram). Treat it as immutable all the same.
+@dataclass(slots=True, kw_only=True)
+class SendParity:
+    """Send `header` then RaptorQ repair symbol `esi` of `block` (`frame_size` bytes), from the repair socket.
+
+    The caller makes the symbol: ``ParityEncoder(block bytes, frame_size=...).symbols(esi, 1)[0]`` (keep the
+    encoders of the few blocks being repaired: making one costs a few ms, a further symbol a few µs). ESIs of
+    a block only grow, so an encoder is asked for each symbol once.
+    """
+
+    header: bytes
+    """The 16 header bytes (`encode_parity_header`)."""
+    block: int
+    """The block the symbol repairs."""
+    esi: int
+    """The symbol's RaptorQ encoding symbol id (>= the block's frame count)."""
+    repair: bool = True
+    """Always True: parity frames are repair frames (docs/PROTOCOL.md 7): send them from the repair socket."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,15 +100,20 @@ class Carousel:
         )
         self._next_frame = self._first_frame_to_send(0)
         self._metadata_due_at: float | None = None  # None: due now (start of the first loop)
-        self.repairs = RepairQueue(layout=manifest.layout)
+        self.fec = bool(manifest.fec)
+        self.repairs = RepairQueue(layout=manifest.layout, fec=self.fec)
         self.repair_frames_sent = 0
+        """Requested data frames sent (parity frames are counted apart, in `parity_frames_sent`)."""
+        self.parity_frames_sent = 0
         self._repairs_in_a_row = 0
+        self._parity_turn = False
 
     def request_repair(self, request: RepairRequest) -> None:
-        """Merge a receiver's request into the work list; requested frames go out ahead of the carousel."""
+        """Merge a receiver's request into the work list; requested frames and parity go out ahead of the
+        carousel (parity only with `fec`; otherwise its entries are ignored)."""
         self.repairs.add(request)
 
-    def next_send(self, now: float) -> SendData | SendMetadata | Idle:
+    def next_send(self, now: float) -> SendData | SendParity | SendMetadata | Idle:
         if self._metadata_due_at is None or now >= self._metadata_due_at:
             self._metadata_due_at = now + self.metadata_interval
             if self.frames_per_loop == 0:
@@ -95,7 +124,15 @@ class Carousel:
             # Nothing to send between rounds (sending metadata back to back would flood the group).
             return Idle(until=self._metadata_due_at)
         if self._repairs_in_a_row < MAX_REPAIRS_IN_A_ROW:
-            repair = self.repairs.pop()
+            repairs = self.repairs
+            if repairs._parity_pending and (self._parity_turn or not repairs._pending_count):
+                self._parity_turn = False
+                block, esi = repairs.pop_parity()
+                self._repairs_in_a_row += 1
+                self.parity_frames_sent += 1
+                return SendParity(header=encode_parity_header(self.cookie, block=block, esi=esi), block=block, esi=esi)
+            self._parity_turn = True
+            repair = repairs.pop()
             if repair is not None:
                 self._repairs_in_a_row += 1
                 self.repair_frames_sent += 1
@@ -108,6 +145,8 @@ class Carousel:
         repairs = self.repairs
         if repairs._pending_count:
             repairs.sent_by_carousel(frame)
+        if repairs._parity_pending and frame % self._per_block == 0:
+            repairs.block_started_by_carousel(frame // self._per_block)
         frame_size = self._frame_size
         offset = frame * frame_size
         length = self._length - offset

@@ -7,7 +7,8 @@ is enough to start; block checksums are spread over several frames so each stays
      "frame": <bytes>, "block": <bytes>,                     # optional: data frame and checksum block sizes
      "name": "<image>", "format": "raw",                     # optional: informational
      "xxh3": {"first": <block index>, "sums": ["<16 hex>", ...]},   # optional: some blocks' xxh3-64
-     "zero": [[<block>, <count>], ...]}    # optional: which of those blocks are all zeros (never sent)
+     "zero": [[<block>, <count>], ...],    # optional: which of those blocks are all zeros (never sent)
+     "fec": "raptorq"}                     # optional: the sender sends parity frames (vmcast.protocol.fec)
 
 A receiver ignores fields it does not know, so later versions can add fields without breaking it.
 """
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 
 import xxhash
 
+from .fec import FEC_SCHEME, stream_fec_possible
 from .frames import MAX_DATAGRAM, HEADER_SIZE, DropReason, Dropped
 
 PROTOCOL_VERSION = 1
@@ -116,6 +118,9 @@ class StreamMetadata:
     """xxh3-64 of blocks ``checksums_first ...``, as integers."""
     zero_runs: tuple[tuple[int, int], ...] = ()
     """Runs ``(first block, count)`` of all-zero blocks among those this frame has checksums for."""
+    fec: str | None = None
+    """The parity scheme the sender sends (``"raptorq"``: `vmcast.protocol.fec`), or None. Another value is a
+    scheme this receiver does not know: it takes no parity then (docs/PROTOCOL.md section 8)."""
 
     def identity_fields(self) -> dict[str, object]:
         """The fields that must never change within a stream (each compared on its own)."""
@@ -159,6 +164,12 @@ def parse_metadata(fields: dict[str, object]) -> StreamMetadata | Dropped:
         if isinstance(parsed, str):
             return bad(parsed)
         first, sums = parsed
+    fec = fields.get("fec")
+    if fec is not None:
+        if not isinstance(fec, str):
+            return bad(f"'fec' must be a string, got {fec!r}")
+        if block_size is None:
+            return bad("'fec' needs 'block' (parity is per checksum block)")
     zero_runs: tuple[tuple[int, int], ...] = ()
     if "zero" in fields:
         if not sums:
@@ -177,6 +188,7 @@ def parse_metadata(fields: dict[str, object]) -> StreamMetadata | Dropped:
         checksums_first=first,
         checksums=sums,
         zero_runs=zero_runs,
+        fec=fec,
     )
 
 
@@ -242,6 +254,19 @@ class Manifest:
     """xxh3-64 of every block, in order."""
     zero_blocks: tuple[tuple[int, int], ...] = ()
     """Runs ``(first block, count)`` of all-zero blocks: announced in metadata and never sent."""
+    fec: bool | None = None
+    """Whether the sender announces and sends RaptorQ parity (``"fec": "raptorq"``). None (the default) becomes
+    True exactly when every block of the layout can be coded (`vmcast.protocol.fec.stream_fec_possible`:
+    frame size a multiple of 8, blocks of at most 8,192 frames); True for a layout that cannot is a
+    `ValueError`; False turns parity off."""
+
+    def __post_init__(self) -> None:
+        layout = self.layout
+        possible = stream_fec_possible(length=layout.length, frame_size=layout.frame_size, block_size=layout.block_size)
+        if self.fec is None:
+            object.__setattr__(self, "fec", possible)
+        elif self.fec and not possible:
+            raise ValueError(f"no parity for frames of {layout.frame_size} bytes in blocks of {layout.block_size}")
 
     def zero_block_flags(self) -> list[bool]:
         flags = [False] * self.layout.block_count
@@ -265,6 +290,8 @@ class Manifest:
             "name": self.name[:MAX_NAME_IN_METADATA],
             "format": self.format,
         }
+        if self.fec:
+            base["fec"] = FEC_SCHEME
         zero = self.zero_block_flags()
         objects: list[dict[str, object]] = []
         first, total = 0, len(self.block_xxh3)
@@ -298,8 +325,8 @@ class ManifestBuilder:
     once. Zero detection is exact (a byte comparison, not a hash), since a zero block is never sent.
     """
 
-    def __init__(self, *, name: str, format: str, frame_size: int, block_size: int | None = None) -> None:
-        self._name, self._format, self._frame_size = name, format, frame_size
+    def __init__(self, *, name: str, format: str, frame_size: int, block_size: int | None = None, fec: bool | None = None) -> None:
+        self._name, self._format, self._frame_size, self._fec = name, format, frame_size, fec
         self._block_size = block_size or default_block_size(frame_size)
         if self._block_size % frame_size:
             raise ValueError("block size must be a multiple of the frame size")
@@ -351,11 +378,13 @@ class ManifestBuilder:
             layout=layout,
             block_xxh3=tuple(self._sums),
             zero_blocks=zero_runs_of(self._zero_flags),
+            fec=self._fec,
         )
 
 
-def manifest_of(data: bytes, *, name: str = "image", format: str = "raw", frame_size: int = 1400, block_size: int | None = None) -> Manifest:
-    """The manifest of an image held in memory (tests, simulations)."""
-    builder = ManifestBuilder(name=name, format=format, frame_size=frame_size, block_size=block_size)
+def manifest_of(data: bytes, *, name: str = "image", format: str = "raw", frame_size: int = 1400, block_size: int | None = None,
+                fec: bool | None = None) -> Manifest:
+    """The manifest of an image held in memory (tests, simulations). `fec`: as `Manifest.fec`."""
+    builder = ManifestBuilder(name=name, format=format, frame_size=frame_size, block_size=block_size, fec=fec)
     builder.update(data)
     return builder.finish()

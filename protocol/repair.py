@@ -16,16 +16,23 @@ can follow the carousel's position without being misled by repairs.
 
 Sans-IO: `RepairPlanner` (receiver side) and `RepairQueue` (sender side) take `now` and random draws from
 the caller and return what to send.
+
+Parity (docs/PROTOCOL.md section 8): on a stream whose metadata says ``"fec": "raptorq"``, a planner made with
+``fec=True`` asks per block for a *number* of parity symbols instead of frames (``"parity": [[block, count]]``),
+and the queue keeps, per block, the largest number any receiver asked for and hands out fresh symbol ids, so
+one parity frame repairs one missing frame of that block at every receiver that lacks any.
 """
 
 from __future__ import annotations
 
 import json
+from array import array
 from dataclasses import dataclass
 
 from bitarray import bitarray
 from bitarray.util import intervals
 
+from .fec import ESI_LIMIT, MAX_SOURCE_SYMBOLS
 from .frames import COOKIE_SIZE, HEADER, HEADER_SIZE, DropReason, Dropped
 from .metadata import METADATA_PAYLOAD_LIMIT, PROTOCOL_VERSION, Layout
 
@@ -50,7 +57,11 @@ REORDERED_STEP_BACK = 4 * REORDER_MARGIN
 # scale model (benchmarks/simulate.py) put one bursty-loss receiver at 1.16x the limit with 1.0 s, 1.08x with 0.3.
 REREQUEST_AFTER = 0.3
 # Ranges per request datagram; the JSON stays under the metadata payload limit (about 20 bytes per range).
+# Parity entries ([block, count], as long as a range) count against the same limit.
 MAX_RANGES_PER_REQUEST = 48
+# The largest parity count one entry may ask for: no block has more frames than this (`fec.MAX_SOURCE_SYMBOLS`),
+# and a receiver never needs more symbols than its block's frames. Larger counts are malformed requests.
+MAX_PARITY_COUNT = MAX_SOURCE_SYMBOLS
 # Ranges per poll, sent as several datagrams: at 1 Gbit/s and 1% loss a receiver loses ~850 frames a second,
 # more than one datagram per poll can name (the scale model: one receiver then took 2.0x the limit).
 MAX_RANGES_PER_POLL = 8 * MAX_RANGES_PER_REQUEST
@@ -58,31 +69,54 @@ MAX_RANGES_PER_POLL = 8 * MAX_RANGES_PER_REQUEST
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RepairRequest:
-    """Frames a receiver asks for, as ``(first frame, count)`` ranges."""
+    """What a receiver asks for: frames, and on a parity stream numbers of parity symbols per block."""
 
-    ranges: tuple[tuple[int, int], ...]
+    ranges: tuple[tuple[int, int], ...] = ()
+    """``(first frame, count)`` ranges of frames to resend."""
+    parity: tuple[tuple[int, int], ...] = ()
+    """``(block, count)``: `count` (>= 1) more parity symbols of `block` needed by this receiver."""
 
     @property
     def frame_count(self) -> int:
         return sum(count for _, count in self.ranges)
 
+    @property
+    def parity_count(self) -> int:
+        """Parity symbols asked for, over all blocks."""
+        return sum(count for _, count in self.parity)
+
 
 def encode_repair_request(cookie: bytes, request: RepairRequest) -> bytes:
-    body = json.dumps({"v": PROTOCOL_VERSION, "frames": [list(r) for r in request.ranges]}, separators=(",", ":"))
+    """One request datagram. ``"frames"`` is always there (a sender without parity requires it); ``"parity"``
+    only when the request has parity entries."""
+    fields: dict[str, object] = {"v": PROTOCOL_VERSION, "frames": [list(r) for r in request.ranges]}
+    if request.parity:
+        fields["parity"] = [list(p) for p in request.parity]
+    body = json.dumps(fields, separators=(",", ":"))
     return HEADER.pack(cookie, REPAIR_REQUEST_OFFSET) + body.encode()
 
 
 def encode_repair_requests(cookie: bytes, request: RepairRequest) -> list[bytes]:
-    """A request as datagrams of at most `MAX_RANGES_PER_REQUEST` ranges each."""
-    ranges = request.ranges
-    return [
-        encode_repair_request(cookie, RepairRequest(ranges=ranges[start : start + MAX_RANGES_PER_REQUEST]))
-        for start in range(0, len(ranges), MAX_RANGES_PER_REQUEST)
-    ]
+    """A request as datagrams of at most `MAX_RANGES_PER_REQUEST` entries (ranges and parity entries) each."""
+    entries = [(False, r) for r in request.ranges] + [(True, p) for p in request.parity]
+    datagrams = []
+    for start in range(0, len(entries), MAX_RANGES_PER_REQUEST):
+        chunk = entries[start : start + MAX_RANGES_PER_REQUEST]
+        part = RepairRequest(ranges=tuple(e for is_parity, e in chunk if not is_parity),
+                             parity=tuple(e for is_parity, e in chunk if is_parity))
+        datagrams.append(encode_repair_request(cookie, part))
+    return datagrams
 
 
-def decode_repair_request(datagram: bytes | memoryview, *, cookie: bytes, frame_count: int) -> RepairRequest | Dropped:
-    """Parse a repair request for a stream of `frame_count` frames. Never raises."""
+def decode_repair_request(
+    datagram: bytes | memoryview, *, cookie: bytes, frame_count: int, block_count: int | None = None
+) -> RepairRequest | Dropped:
+    """Parse a repair request for a stream of `frame_count` frames. Never raises.
+
+    `block_count`: the stream's blocks, for a sender that sends parity; then ``"parity"`` entries are checked
+    (``0 <= block < block_count``, ``1 <= count <= MAX_PARITY_COUNT``; anything else drops the whole request
+    as malformed). None: a sender without parity, which ignores ``"parity"`` and serves the frames.
+    """
     if len(datagram) < HEADER_SIZE:
         return Dropped(reason=DropReason.TOO_SHORT, detail=f"{len(datagram)} bytes")
     their_cookie, marker = HEADER.unpack_from(datagram)
@@ -105,7 +139,20 @@ def decode_repair_request(datagram: bytes | memoryview, *, cookie: bytes, frame_
         if first < 0 or count <= 0 or first + count > frame_count:
             return Dropped(reason=DropReason.MALFORMED_METADATA, detail=f"range {item!r} outside {frame_count} frames")
         parsed.append((first, count))
-    return RepairRequest(ranges=tuple(parsed))
+    parity: list[tuple[int, int]] = []
+    entries = fields.get("parity", [])
+    if block_count is not None and entries:
+        if not isinstance(entries, list):
+            return Dropped(reason=DropReason.MALFORMED_METADATA, detail="repair request 'parity' is not a list")
+        for item in entries:
+            if not (isinstance(item, list) and len(item) == 2 and all(type(v) is int for v in item)):
+                return Dropped(reason=DropReason.MALFORMED_METADATA, detail=f"bad parity entry {item!r}")
+            block, count = item
+            if not 0 <= block < block_count or not 1 <= count <= MAX_PARITY_COUNT:
+                return Dropped(reason=DropReason.MALFORMED_METADATA,
+                               detail=f"parity entry {item!r} outside {block_count} blocks or 1..{MAX_PARITY_COUNT} symbols")
+            parity.append((block, count))
+    return RepairRequest(ranges=tuple(parsed), parity=tuple(parity))
 
 
 class RepairPlanner:
@@ -119,15 +166,28 @@ class RepairPlanner:
     (the join point) to the latest one, cyclically; after a whole loop everything is passed. Only passed frames,
     more than `REORDER_MARGIN` behind the position, not asked for in the last `REREQUEST_AFTER` seconds, are
     asked for.
+
+    With ``fec=True`` (the stream's metadata says ``"fec": "raptorq"``: `Assembly.fec`) it asks for parity
+    instead, per block: ``count`` = the block's frames it would ask for (the rules above) less the parity
+    held for the block (`parity_held`, the assembly's array) that is not already answering an earlier
+    request of this block; those frames then count as asked for, so they are not counted again before
+    `REREQUEST_AFTER`. A request still in flight is thus not asked twice, and parity that came beyond what
+    was asked (the sender sends the most any receiver needs) stands in for frames lost since.
     """
 
-    def __init__(self, *, layout: Layout, received: bitarray, interval: float = REQUEST_INTERVAL, rerequest_after: float = REREQUEST_AFTER) -> None:
+    def __init__(self, *, layout: Layout, received: bitarray, interval: float = REQUEST_INTERVAL, rerequest_after: float = REREQUEST_AFTER,
+                 parity_held: array | None = None, fec: bool = False) -> None:
+        if fec and parity_held is None:
+            raise ValueError("a parity planner needs the assembly's parity_held")
         self.layout = layout
         self.received = received
         self.interval = interval
         self.rerequest_after = rerequest_after
+        self.fec = fec
+        self.parity_held = parity_held
         self.requests_sent = 0
         self.frames_requested = 0
+        self.parity_requested = 0
         self._join: int | None = None
         self._head = 0
         self._passed_everything = False
@@ -191,6 +251,8 @@ class RepairPlanner:
         self._next_request_at = now + self.interval * (1 + REQUEST_JITTER * jitter)
         self._expire_requests(now)
         wanted = self._wanted_frames()
+        if self.fec:
+            return self._ask_parity(wanted, now)
         ranges: list[tuple[int, int]] = []
         for value, start, stop in intervals(wanted):
             if value:
@@ -205,6 +267,42 @@ class RepairPlanner:
         self.requests_sent += 1
         request = RepairRequest(ranges=tuple(ranges))
         self.frames_requested += request.frame_count
+        return request
+
+    def _ask_parity(self, wanted: bitarray, now: float) -> RepairRequest | None:
+        """Per block with wanted frames: how many symbols to ask for (see the class docstring)."""
+        per_block = self.layout.frames_per_block
+        wanted_in_block: dict[int, list[tuple[int, int]]] = {}
+        for value, start, stop in intervals(wanted):
+            if not value:
+                continue
+            while start < stop:  # cut at block boundaries
+                block = start // per_block
+                end = min(stop, (block + 1) * per_block)
+                wanted_in_block.setdefault(block, []).append((start, end))
+                start = end
+        parity: list[tuple[int, int]] = []
+        held, received, requested = self.parity_held, self.received, self._requested
+        for block, spans in wanted_in_block.items():
+            count = sum(end - start for start, end in spans)
+            if held[block]:
+                # Parity held first answers the frames of this block already asked for (still missing).
+                first, stop = block * per_block, min((block + 1) * per_block, len(received))
+                answering = (requested[first:stop] & ~received[first:stop]).count()
+                count -= max(0, held[block] - answering)
+            if count <= 0:
+                continue
+            parity.append((block, count))
+            for start, end in spans:
+                requested[start:end] = 1
+                self._outstanding.append((start, end - start, now))
+            if len(parity) == MAX_RANGES_PER_POLL:
+                break
+        if not parity:
+            return None
+        self.requests_sent += 1
+        request = RepairRequest(parity=tuple(parity))
+        self.parity_requested += request.parity_count
         return request
 
     def _wanted_frames(self) -> bitarray:
@@ -240,16 +338,35 @@ class RepairQueue:
     One bit per frame: a frame requested by any number of receivers is sent once. When the carousel itself
     sends a requested frame, the request is satisfied too. The carousel asks it about every frame it sends,
     so the empty case costs one comparison.
+
+    With ``fec=True`` it also keeps, per block, the number of parity symbols still to send: the *largest*
+    count any receiver asked for (``need[b] = max(need[b], count)``, not a sum: each symbol serves every
+    receiver), capped at the block's frames. `pop_parity` hands them out one block after another (a burst of
+    loss then hits many blocks once rather than one block many times), each with the block's next fresh ESI,
+    starting at K and never reused, so every parity frame is new to every receiver. When the carousel starts
+    sending a block again, that block's need is dropped: the carousel brings its frames anyway. Without
+    ``fec``, parity entries in requests are ignored (counted in `parity_ignored`).
+    Memory: one bit per frame; with fec, 8 bytes and one bit per block.
     """
 
-    def __init__(self, *, layout: Layout) -> None:
+    def __init__(self, *, layout: Layout, fec: bool = False) -> None:
         self.layout = layout
+        self.fec = fec
         self._pending = bitarray(layout.frame_count)
         self._pending.setall(0)
         self._pending_count = 0
         self._cursor = 0
         self.requests_received = 0
         self.frames_requested = 0
+        self.parity_requested = 0
+        self.parity_ignored = 0
+        blocks = layout.block_count if fec else 0
+        self._parity_need = array("I", bytes(4 * blocks))
+        self._next_esi = array("I", (layout.frames_in_block(block) for block in range(blocks)))
+        self._parity_blocks = bitarray(blocks)  # set where need > 0
+        self._parity_blocks.setall(0)
+        self._parity_pending = 0  # sum of need
+        self._parity_cursor = 0
 
     def add(self, request: RepairRequest) -> None:
         self.requests_received += 1
@@ -258,6 +375,56 @@ class RepairQueue:
             already = self._pending.count(1, first, first + count)
             self._pending[first : first + count] = 1
             self._pending_count += count - already
+        for block, count in request.parity:
+            self.parity_requested += count
+            if not self.fec or not 0 <= block < len(self._parity_need):
+                self.parity_ignored += count
+                continue
+            count = min(count, self.layout.frames_in_block(block), ESI_LIMIT - self._next_esi[block])
+            need = self._parity_need[block]
+            if count > need:
+                self._parity_need[block] = count
+                self._parity_pending += count - need
+                self._parity_blocks[block] = 1
+
+    @property
+    def parity_pending(self) -> int:
+        """Parity symbols still to send, over all blocks."""
+        return self._parity_pending
+
+    def parity_need(self, block: int) -> int:
+        """Parity symbols of `block` still to send."""
+        return self._parity_need[block] if self.fec else 0
+
+    def block_started_by_carousel(self, block: int) -> None:
+        """The carousel sends the first frame of `block` again: its frames come anyway, drop its parity need."""
+        need = self._parity_need[block] if self._parity_pending else 0
+        if need:
+            self._parity_need[block] = 0
+            self._parity_pending -= need
+            self._parity_blocks[block] = 0
+
+    def pop_parity(self) -> tuple[int, int] | None:
+        """The next parity symbol to send as ``(block, esi)``, blocks in turn from the last one; or None."""
+        if not self._parity_pending:
+            return None
+        blocks = self._parity_blocks
+        try:
+            block = blocks.index(1, self._parity_cursor)
+        except ValueError:
+            block = blocks.index(1)
+        esi = self._next_esi[block]
+        self._next_esi[block] = esi + 1
+        need = self._parity_need[block] - 1
+        if esi + 1 >= ESI_LIMIT:  # ids exhausted (2**24 - K symbols sent for one block): the carousel must do
+            self._parity_pending -= need
+            need = 0
+        self._parity_need[block] = need
+        self._parity_pending -= 1
+        if not need:
+            blocks[block] = 0
+        self._parity_cursor = block + 1 if block + 1 < len(blocks) else 0
+        return block, esi
 
     def sent_by_carousel(self, frame: int) -> None:
         if self._pending_count and self._pending[frame]:

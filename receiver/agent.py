@@ -213,6 +213,18 @@ class ReceiveResult:
     """Frames those requests asked for."""
     repair_send_errors: int = 0
     """Repair requests that could not be sent."""
+    repair_parity_requested: int = 0
+    """Parity symbols those requests asked for (FEC)."""
+    parity_frames: int = 0
+    """Parity frames received and kept (FEC)."""
+    recovered_blocks: int = 0
+    """Blocks completed by decoding parity (each then verified by its xxh3 like any block)."""
+    recovered_frames: int = 0
+    """Missing frames of those blocks, decoded from parity."""
+    recovery_failures: int = 0
+    """Decodes that needed more parity (not fatal: more is asked for)."""
+    recovery_cpu_seconds: float = 0.0
+    """CPU time of the datagram loop's thread spent decoding parity (part of `pump_cpu_seconds`)."""
     fallback_reason: str | None = None
     """Why blocks were fetched by HTTP (``no_multicast``, ``endgame``), None if none were."""
     fallback_blocks: int = 0
@@ -261,6 +273,12 @@ class ReceiveResult:
             "repair_requests": self.repair_requests,
             "repair_frames_requested": self.repair_frames_requested,
             "repair_send_errors": self.repair_send_errors,
+            "repair_parity_requested": self.repair_parity_requested,
+            "parity_frames": self.parity_frames,
+            "recovered_blocks": self.recovered_blocks,
+            "recovered_frames": self.recovered_frames,
+            "recovery_failures": self.recovery_failures,
+            "recovery_cpu_seconds": round(self.recovery_cpu_seconds, 3),
             "fallback_reason": self.fallback_reason,
             "fallback_blocks": self.fallback_blocks,
             "fallback_bytes": self.fallback_bytes,
@@ -500,6 +518,8 @@ def _expected_metadata(lease: Lease) -> bytes | None:
         "v": PROTOCOL_VERSION, "sha1": lease.sha1.lower(), "len": lease.length, "frame": lease.frame_size,
         "block": lease.block_size, "name": lease.image, "format": lease.format,
     }  # fmt: skip
+    if lease.fec is not None:
+        fields["fec"] = lease.fec  # so the repair planner asks for parity from the start
     return encode_metadata(lease.cookie_bytes, fields)
 
 
@@ -566,6 +586,12 @@ async def _run_pump(run: _Run, group_socket: GroupSocket, outcome: _Outcome, can
                 repair_requests=repairs.requests_sent if repairs is not None else 0,
                 repair_frames_requested=repairs.frames_requested if repairs is not None else 0,
                 repair_send_errors=repairs.send_errors if repairs is not None else 0,
+                repair_parity_requested=repairs.parity_requested if repairs is not None else 0,
+                parity_frames=result.parity_frames,
+                recovered_blocks=result.recovered_blocks,
+                recovered_frames=result.recovered_frames,
+                recovery_failures=result.recovery_failures,
+                recovery_cpu_seconds=result.recovery_cpu_seconds,
                 fallback_reason=run.fallback.reason if result.fetched_blocks else None,
                 fallback_blocks=result.fetched_blocks,
                 fallback_bytes=result.fetched_bytes,

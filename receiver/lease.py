@@ -55,6 +55,8 @@ class Lease(BaseModel):
     """UDP port, on the server's host, that takes repair requests (docs/PROTOCOL.md section 7); None: none."""
     carousel_port: Annotated[int | None, Field(ge=1, le=65535)] = None
     """Source port of the carousel's datagrams; None: learned from the first metadata frame instead."""
+    fec: Annotated[str | None, Field(max_length=32)] = None
+    """The parity scheme the stream's metadata announces (``"raptorq"``, docs/PROTOCOL.md section 8), if any."""
     image: str
     """Image name."""
     format: str

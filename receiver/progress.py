@@ -14,15 +14,6 @@ from dataclasses import dataclass
 from typing import TextIO
 
 import trio
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from .pump import Phase, Pump
 
@@ -47,6 +38,8 @@ class Snapshot:
     """Bytes of the image SHA-1 computed so far."""
     dropped: int
     """Datagrams dropped by the assembly (foreign, malformed, ...)."""
+    recovered_blocks: int = 0
+    """Blocks completed by decoding parity (FEC)."""
     elapsed: float
     """Seconds since the group was joined."""
 
@@ -72,12 +65,14 @@ def snapshot(pump: Pump) -> Snapshot:
         length=assembly.length,
         hashed=pump.hashed_bytes,
         dropped=sum(dict(assembly.drops).values()),
+        recovered_blocks=pump.recovered_blocks,
         elapsed=time.monotonic() - started if started is not None else 0.0,
     )
 
 
 def format_line(view: Snapshot) -> str:
-    """The plain progress line, e.g. ``receiving 12.0/256.0 MiB (4.7%) 95.2 MB/s ETA 2.6 s, 0 dropped``."""
+    """The plain progress line, e.g. ``receiving 12.0/256.0 MiB (4.7%) 95.2 MB/s ETA 2.6 s, 0 dropped``, and
+    ``, 3 blocks recovered by parity`` once parity completed any."""
     mib = 1 << 20
     if view.length is None:
         return f"{view.phase.value}: {view.elapsed:.0f} s, {view.dropped} dropped"
@@ -86,6 +81,7 @@ def format_line(view: Snapshot) -> str:
     return (
         f"{view.phase.value} {view.received / mib:.1f}/{view.length / mib:.1f} MiB ({percent:.1f}%) "
         f"{view.rate / 1e6:.1f} MB/s {eta}, {view.dropped} dropped"
+        + (f", {view.recovered_blocks} blocks recovered by parity" if view.recovered_blocks else "")
     )
 
 
@@ -104,6 +100,18 @@ async def _show_plain(pump: Pump, file: TextIO) -> None:
 
 
 async def _show_rich(pump: Pump, file: TextIO) -> None:
+    # rich is imported here, on a terminal only: a receiver started by a script or a service (no terminal, the
+    # plain lines) need not load it before its lease (~45 ms; nothing where httpx's CLI extras load it anyway).
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -118,7 +126,8 @@ async def _show_rich(pump: Pump, file: TextIO) -> None:
 
         def draw() -> None:
             view = snapshot(pump)
-            progress.update(task, description=view.phase.value, total=view.length, completed=view.received)
+            recovered = f" ({view.recovered_blocks} blocks by parity)" if view.recovered_blocks else ""
+            progress.update(task, description=view.phase.value + recovered, total=view.length, completed=view.received)
             progress.refresh()
 
         try:

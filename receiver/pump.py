@@ -25,6 +25,16 @@ forgotten by the assembly: the loop keeps receiving and takes it again from a la
 unless one block keeps coming back with the same wrong bytes (`MAX_SAME_CORRUPTION`: a faulty target or sender),
 or wrong at all `MAX_CORRUPT_REPEATS` times; and up to `MAX_IMAGE_MISMATCHES` times for the image.
 
+Parity (FEC, docs/PROTOCOL.md section 8): the assembly keeps the RaptorQ parity symbols that come for a block
+and says when the block's frames held and symbols held are enough to decode it (`ParityReceived.decodable`, or
+`DataReceived.decodable_block` when a data frame is the last piece). The loop then flushes the stage, reads
+the block back as written, and `Assembly.recover_block` decodes it; the frames that were missing
+(`BlockRecovered.frames`) are written at their offsets (inside the block, and the target refuses anything
+past its end), and the block is read back and judged by `check_block` exactly like a block completed by data
+frames: parity never bypasses the xxh3, and a wrong symbol (a wrong block) is forgotten and taken again. A
+decode that needs one more symbol (`RecoveryFailed`) is counted and changes nothing else: the planner asks
+for one more. A decode costs this thread 3-6 ms (`recovery_cpu_seconds`).
+
 Repairs and the HTTP fallback (server mode): the loop follows the carousel for `repair.Repairs`: it compares a
 receive's source port with that of the stream's metadata frames (repair frames come from another port,
 docs/PROTOCOL.md section 7) and tells the planner the last carousel frame the receive held. With GRO every
@@ -68,11 +78,13 @@ from vmcast.protocol import (
     Assembly,
     AssemblyState,
     BlockCorrupt,
+    BlockRecovered,
     BlockVerified,
     DataReceived,
     Duplicate,
     ImageVerified,
     MetadataReceived,
+    ParityReceived,
     StreamFailed,
     StreamMetadata,
 )
@@ -171,6 +183,16 @@ class PumpResult:
     """Their bytes."""
     zero_blocks: int
     """Blocks the stream announced as all zeros (never sent) and that were zeroed on the target."""
+    parity_frames: int = 0
+    """Parity frames kept by the assembly (FEC; those it had no use for are in `Assembly.parity_unused`)."""
+    recovered_blocks: int = 0
+    """Blocks completed by decoding parity (then judged by xxh3 like any block)."""
+    recovered_frames: int = 0
+    """Missing frames of those blocks, decoded from parity and written."""
+    recovery_failures: int = 0
+    """Decodes that needed one more symbol (not fatal: the planner asks for more)."""
+    recovery_cpu_seconds: float = 0.0
+    """CPU time of the pump's thread spent reading blocks back and decoding them (part of `cpu_seconds`)."""
 
 
 class Pump:
@@ -234,6 +256,16 @@ class Pump:
         """Fetched blocks thrown away: verified by multicast meanwhile, or of the wrong length."""
         self.zero_blocks = 0
         """Blocks the stream announced as all zeros (never sent), zeroed on the target."""
+        self.parity_frames = 0
+        """Parity frames kept by the assembly (FEC)."""
+        self.recovered_blocks = 0
+        """Blocks completed by decoding parity."""
+        self.recovered_frames = 0
+        """Missing frames decoded from parity and written."""
+        self.recovery_failures = 0
+        """Decodes that needed one more symbol."""
+        self.recovery_cpu_seconds = 0.0
+        """CPU time of the pump's thread spent reading back and decoding blocks to recover them."""
         self.started_at: float | None = None
         self._cpu_started_at = 0.0
 
@@ -297,6 +329,11 @@ class Pump:
                 fetched_blocks=self.fetched_blocks,
                 fetched_bytes=self.fetched_bytes,
                 zero_blocks=self.zero_blocks,
+                parity_frames=self.parity_frames,
+                recovered_blocks=self.recovered_blocks,
+                recovered_frames=self.recovered_frames,
+                recovery_failures=self.recovery_failures,
+                recovery_cpu_seconds=self.recovery_cpu_seconds,
             )
         return self._result
 
@@ -417,8 +454,20 @@ class Pump:
                             self._check_block(event.completed_block)
                             if self._verified_sha1 is not None:
                                 return
+                        elif event.decodable_block is not None:  # parity came first; this frame completes it
+                            flush()
+                            self._recover_block(event.decodable_block)
+                            if self._verified_sha1 is not None:
+                                return
                     elif kind is Duplicate:
                         head = event.offset
+                    elif kind is ParityReceived:  # a repair frame: it says nothing of the carousel's position
+                        self.parity_frames += 1
+                        if event.decodable:
+                            flush()  # the block is read back as written: its staged frames first
+                            self._recover_block(event.block)
+                            if self._verified_sha1 is not None:
+                                return
                     elif kind is MetadataReceived:
                         self.metadata_frames += 1
                         if self._confirm_expected:
@@ -473,7 +522,8 @@ class Pump:
         """The repairs, started with the planner once the layout is known (None in server-less mode)."""
         repairs = self.repairs
         if repairs is not None and repairs.planner is None and self.assembly.layout is not None:
-            repairs.start(layout=self.assembly.layout, held=self.assembly.held_frames)
+            assembly = self.assembly
+            repairs.start(layout=assembly.layout, held=assembly.held_frames, parity_held=assembly.parity_held, fec=assembly.fec)
         return repairs
 
     def _first_metadata(self, metadata: StreamMetadata) -> None:
@@ -535,6 +585,31 @@ class Pump:
         view = memoryview(lent if lent is not None else self._scratch)[: end - start]
         self._target.pread_into(view, start)
         self._judged(self.assembly.check_block(block, view), lent)
+
+    def _recover_block(self, block: int) -> None:
+        """Decode `block` from what is written of it and its parity; write the frames that were missing; then
+        judge it like any complete block (when its checksum is known; else a later metadata frame names it)."""
+        started = time.thread_time()
+        assembly = self.assembly
+        self._sha1_cursor()  # makes the scratch buffer
+        start, end = assembly.layout.block_span(block)
+        data = memoryview(self._scratch)[: end - start]
+        self._target.pread_into(data, start)
+        outcome = assembly.recover_block(block, data)
+        if not isinstance(outcome, BlockRecovered):
+            self.recovery_failures += 1
+            self.recovery_cpu_seconds += time.thread_time() - started
+            return
+        for offset, payload in outcome.frames:
+            if not (start <= offset and offset + len(payload) <= end):
+                raise StreamBroken(reason=f"parity recovery of block {block} gave bytes at {offset}, outside it")
+            self._target.pwrite(payload, offset)
+            self.multicast_bytes += len(payload)
+        self.recovered_blocks += 1
+        self.recovered_frames += len(outcome.frames)
+        self.recovery_cpu_seconds += time.thread_time() - started
+        if outcome.checksum_known:
+            self._check_block(block)  # read back as written and judged by its xxh3, like any completed block
 
     def _apply_fetched(self) -> bool:
         """Write, read back and judge the blocks fetched by HTTP; True once the image is verified."""

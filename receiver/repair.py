@@ -16,6 +16,11 @@ longer before it asks.
 Without a repair address (`--no-repair`, or a server that takes no requests) the planner still follows the
 carousel: the HTTP end game (`vmcast.receiver.fallback`) waits for a whole loop since the join.
 
+FEC (docs/PROTOCOL.md section 8): on a stream whose metadata announces parity (`Assembly.fec`), the planner
+asks per block for as many parity symbols as the block still lacks (its missing frames less the symbols held,
+the assembly's `parity_held`) instead of naming the frames: one parity frame the sender multicasts repairs
+any one missing frame of the block at every receiver.
+
 Error handling: sending never raises. The socket is non-blocking; a send that fails (a full socket buffer,
 an unreachable host) is counted in `send_errors`, logged once, and the frames are asked for again later by
 the planner's own schedule.
@@ -27,6 +32,7 @@ from __future__ import annotations
 import logging
 import random
 import socket
+from array import array
 from dataclasses import dataclass
 
 from bitarray import bitarray
@@ -81,6 +87,8 @@ class Repairs:
         """Requests sent (a failed send is not counted here but in `send_errors`)."""
         self.frames_requested = 0
         """Frames named by the requests sent."""
+        self.parity_requested = 0
+        """Parity symbols asked for by the requests sent (FEC)."""
         self.send_errors = 0
         self._warned = False
 
@@ -89,10 +97,11 @@ class Repairs:
         """Whether requests are sent at all (else the carousel is only followed)."""
         return self._destination is not None
 
-    def start(self, *, layout: Layout, held: bitarray) -> None:
-        """The layout is known: plan from now on. `held`: the assembly's held frames (read, never written)."""
+    def start(self, *, layout: Layout, held: bitarray, parity_held: array | None = None, fec: bool = False) -> None:
+        """The layout is known: plan from now on. `held`: the assembly's held frames; `parity_held`: its parity
+        symbols held per block (both read, never written). `fec`: the stream takes parity: ask for it."""
         if self.planner is None:
-            self.planner = RepairPlanner(layout=layout, received=held)
+            self.planner = RepairPlanner(layout=layout, received=held, parity_held=parity_held, fec=fec)
 
     @property
     def passed_everything(self) -> bool:
@@ -119,3 +128,4 @@ class Repairs:
                 return
             self.requests_sent += 1
         self.frames_requested += request.frame_count
+        self.parity_requested += request.parity_count

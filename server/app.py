@@ -123,7 +123,7 @@ def start_services(settings: Settings, *, repair_socket: socket.socket | None = 
         group_range=settings.group_range,
         port=settings.mcast_port,
         sender_config=SenderConfig(
-            interface=settings.interface, ttl=settings.ttl, rate_bps=settings.rate, gso=settings.gso
+            interface=settings.interface, ttl=settings.ttl, rate_bps=settings.rate, gso=settings.gso, fec=settings.fec
         ),
         lease_ttl=settings.lease_ttl,
         store=store,

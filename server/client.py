@@ -12,13 +12,12 @@ import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from .api.schemas import Image, LeaseInfo, LeaseReleased, Stream, StreamRequest, StreamStarted
+from .defaults import DEFAULT_SERVER, START_TIMEOUT
 from .errors import ServerRefused, ServerUnreachable
 
-DEFAULT_SERVER = "http://127.0.0.1:8470"
-# Listing and releasing answer at once. Starting may convert and hash an image first (minutes for a large
-# qcow2 the first time), so it waits for as long as `start_timeout` says.
+# Listing and releasing answer at once. Starting may convert and hash an image first, so it waits for as
+# long as `start_timeout` says (`defaults.START_TIMEOUT` unless told).
 REQUEST_TIMEOUT = 10.0
-START_TIMEOUT = 3600.0
 
 _Model = TypeVar("_Model")
 

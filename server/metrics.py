@@ -6,7 +6,8 @@ metrics, and a scrape costs one `Registry.list()`. Each server has its own `Coll
 servers in one process (the tests) never clash over the global one.
 
 Per stream (labels ``stream_id``, ``image``, ``format``, ``group``): bytes, datagrams, loops, repair
-requests, repair frames sent, repair frames pending, repair drops, leases, send errors, measured rate.
+requests, repair frames sent, parity frames sent and their CPU, repair frames pending, repair drops, leases,
+send errors, measured rate.
 Server-wide: running streams, active leases, leases expired, repair datagrams received and dropped by
 ``reason`` (`RepairDrop`), HTTP range responses by ``status`` and bytes sent.
 """
@@ -38,6 +39,10 @@ _PER_STREAM: tuple[tuple[str, str, type, Callable[[StreamStatus], float]], ...] 
      lambda s: s.sender.repair_requests),
     ("vmcast_stream_repair_frames_sent", "Frames resent from the repair socket on request.", CounterMetricFamily,
      lambda s: s.sender.repair_frames_sent),
+    ("vmcast_stream_parity_frames_sent", "RaptorQ parity frames sent from the repair socket on request.",
+     CounterMetricFamily, lambda s: s.sender.parity_frames_sent),
+    ("vmcast_stream_parity_cpu_seconds", "CPU time the parity worker processes spent on the stream's parity.",
+     CounterMetricFamily, lambda s: s.sender.parity_cpu_seconds),
     ("vmcast_stream_repair_drops", "Repair requests for the stream that were dropped.", CounterMetricFamily,
      lambda s: s.sender.repair_drops),
     ("vmcast_stream_send_errors", "Sends that failed (other than a full queue) and were retried.", CounterMetricFamily,

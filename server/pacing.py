@@ -33,6 +33,8 @@ class TokenBucket:
         # oversleep does not throw away tokens.
         self.capacity = max(self.rate * BURST_SECONDS, largest_cost + self.rate * OVERSLEEP_ALLOWANCE)
         self.tokens = self.capacity
+        self.wake_bytes = self.capacity / 2
+        """What a dry bucket waits for before it admits again: a batch of datagrams should not need more."""
         self.updated = now
 
     def take(self, cost: int, now: float) -> float:

@@ -53,6 +53,7 @@ from .errors import (
     StateUnwritable,
     StreamNotFound,
 )
+from .parity import ParityWorkers
 from .preparation import PreparedImage
 from .sender import Sender, SenderConfig, SenderStats
 from .state import StateStore, StoredLease, StoredStream
@@ -207,6 +208,8 @@ class Registry:
         self._closed = False
         self.leases_granted = 0
         self.leases_expired = 0
+        self.parity_workers = ParityWorkers()
+        """The processes that make RaptorQ parity for every stream (started when first asked; `close` ends them)."""
 
     # -- leases ------------------------------------------------------------------------------------------------
 
@@ -426,6 +429,7 @@ class Registry:
             sender.stop(0)
         for sender in senders:
             sender.stop(STOP_WAIT)
+        self.parity_workers.close()
 
     # -- under the lock ----------------------------------------------------------------------------------------
 
@@ -440,6 +444,7 @@ class Registry:
                 sender = Sender(
                     path=image.path, manifest=image.manifest, cookie=stored.cookie, group=stored.group,
                     port=stored.port, config=self.sender_config, expected=image.identity,
+                    parity_workers=self.parity_workers,
                 )  # fmt: skip
             except (ImageChanged, OSError, ServerError) as error:
                 return f"its sender cannot start: {error}"
@@ -512,6 +517,7 @@ class Registry:
             port=self.port,
             config=self.sender_config,
             expected=image.identity,
+            parity_workers=self.parity_workers,
         )
         stream = _Stream(
             stream_id=str(uuid.uuid4()), key=key, image=image, group=group, port=self.port, cookie=cookie, sender=sender

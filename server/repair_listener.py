@@ -2,9 +2,10 @@
 
 docs/PROTOCOL.md section 7. One blocking OS thread for the whole server, on one UDP socket bound to the API's
 host and the repair port. Per datagram: find the running stream by the cookie (the first 8 bytes, a dict
-lookup), decode the request against that stream's frame count (`decode_repair_request`: JSON parsing happens
-here, not in the sender thread), and hand the request to the sender (`Sender.submit_repair`, a deque append).
-The sender merges it into its carousel's work list.
+lookup), decode the request against that stream's frame count, and for a stream with FEC its block count
+(`decode_repair_request`: JSON parsing and validation happen here, not in the sender thread; a request names
+lost frames and, for parity, how many symbols of which blocks), and hand the request to the sender
+(`Sender.submit_repair`, a deque append). The sender merges it into its carousel's work list.
 
 Error handling: UDP is unauthenticated and anyone may send anything: every datagram that is not a valid
 request for a running stream is a counted drop with a reason (`drops`; the stream's own `repair_drops` too
@@ -56,7 +57,7 @@ class RepairDrop:
     UNKNOWN_STREAM = "unknown_stream"
     """No running stream has that cookie (stopped, never ours, or garbage)."""
     MALFORMED = "malformed_request"
-    """Not a repair request: wrong marker, not JSON, no frame list, or frames outside the image."""
+    """Not a repair request: wrong marker, not JSON, no frame list, or frames or parity blocks outside the image."""
     BACKLOG_FULL = "backlog_full"
     """The stream's sender has too many requests waiting, or is stopping."""
 
@@ -153,7 +154,9 @@ class RepairListener:
             if sender is None:
                 drops[RepairDrop.UNKNOWN_STREAM] += 1
                 continue
-            request = decode_repair_request(view[:size], cookie=cookie, frame_count=sender.frame_count)
+            request = decode_repair_request(
+                view[:size], cookie=cookie, frame_count=sender.frame_count, block_count=sender.block_count
+            )
             if isinstance(request, Dropped):
                 drops[RepairDrop.MALFORMED] += 1
                 sender.repair_drops += 1

@@ -15,15 +15,14 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from vmcast.protocol import HEADER_SIZE
-from vmcast.protocol.frames import MAX_DATAGRAM
 
+from .defaults import MAX_PAYLOAD
 from .rates import parse_rate
 
 # IPv4 and UDP headers add 28 bytes to every datagram; a 1500-byte Ethernet MTU leaves 1472 bytes of UDP
 # payload, of which our frame header takes 16: payloads above 1456 bytes need jumbo frames or fragmentation.
 IP_UDP_HEADER_SIZE = 28
 ETHERNET_MTU = 1500
-MAX_PAYLOAD = MAX_DATAGRAM - HEADER_SIZE
 LARGEST_UNFRAGMENTED_PAYLOAD = ETHERNET_MTU - IP_UDP_HEADER_SIZE - HEADER_SIZE
 # HTTP range downloads (the unicast fallback) share this much by default: a fifth of a 1 Gbit/s link, so that
 # receivers fetching what they missed never starve the multicast streams they missed it from.
@@ -65,6 +64,13 @@ class Settings(BaseSettings):
         description=(
             "Send data frames in UDP GSO batches (many datagrams per system call) where the kernel allows it; "
             "the datagrams on the wire are the same."
+        ),
+    )
+    fec: bool = Field(
+        True,
+        description=(
+            "Answer repair requests with RaptorQ parity (one parity frame repairs any one lost frame of a block, "
+            "at every receiver) where the stream's frame size allows it; False: always resend the lost frames."
         ),
     )
     cache_dir: Path = Field(

@@ -12,6 +12,16 @@ What is real and what is modelled:
 * Receivers store no bytes: they model a receiver whose writes are correct. `check_block` gets the true bytes
   of the block (shared, from the one image) and `check_image` the image's true SHA-1, so an assembly reaches
   COMPLETE exactly when it holds every frame.
+* Repair is per-frame NACK (`Scenario.fec` False: the planner asks for frames) or parity (`Scenario.fec`
+  True: the planner asks per block for a number of RaptorQ symbols, `fec=True`). Parity datagrams carry real
+  RaptorQ symbols of the image's blocks (`Image.parity_datagram`, made once per block and ESI), fed to the
+  real assemblies; when one says a block is decodable, `recover_block` gets the block's true bytes (what a
+  receiver whose writes are correct reads back: its held frames are right, the rest is never looked at) and
+  really decodes it; the frames it returns are compared with the image, then `check_block` as for any block.
+  RaptorQ decoding costs ~4 ms per 1 MiB block, so 10,000 receivers spend ~2 CPU minutes decoding;
+  ``decode="count"`` (`simulate(decode=...)`, `--fec-decode count`) instead counts a decodable block as
+  recovered without decoding (`Assembly.accept_block` with the true bytes): the ~1% of decodes from exactly K
+  symbols that need one more symbol then never happen. The smoke test runs both and checks they agree.
 * Loss is per receiver and per datagram (data, repair and metadata datagrams alike): independent (Bernoulli)
   or bursty (Gilbert: a receiver in its bad state loses everything, bursts and gaps geometric). Repair
   requests on the way back are lost independently at the receiver's mean loss rate.
@@ -40,19 +50,25 @@ from dataclasses import dataclass, field
 from vmcast.protocol import (
     Assembly,
     AssemblyState,
+    BlockRecovered,
     Carousel,
     DataReceived,
     Idle,
     ImageVerified,
     Manifest,
     MetadataReceived,
+    ParityEncoder,
+    ParityReceived,
     RepairPlanner,
     RepairQueue,
     RepairRequest,
     SendData,
     SendMetadata,
+    SendParity,
+    encode_parity_header,
     manifest_of,
 )
+from vmcast.protocol import assembly as assembly_module
 from vmcast.protocol import carousel as carousel_module
 from vmcast.protocol import repair as repair_module
 
@@ -70,6 +86,7 @@ TUNABLES = {
     "MAX_RANGES_PER_REQUEST": repair_module,
     "MAX_REPAIRS_IN_A_ROW": carousel_module,
     "METADATA_INTERVAL": carousel_module,
+    "PARITY_SPARE": assembly_module,
 }
 
 
@@ -250,8 +267,8 @@ VARIANTS = {
 class OldestFirstQueue(RepairQueue):
     """`RepairQueue` that pops frames in the order they were first requested (a starvation-free variant)."""
 
-    def __init__(self, *, layout) -> None:
-        super().__init__(layout=layout)
+    def __init__(self, *, layout, fec: bool = False) -> None:
+        super().__init__(layout=layout, fec=fec)
         self._order: deque[int] = deque()
 
     def add(self, request) -> None:
@@ -300,7 +317,7 @@ def _without_recent(request: RepairRequest, last_sent: list[float], since: float
                 start = None
         if start is not None:
             ranges.append((start, first + count - start))
-    return RepairRequest(ranges=tuple(ranges)) if ranges else None
+    return RepairRequest(ranges=tuple(ranges), parity=request.parity) if ranges or request.parity else None
 
 
 # -- the image ---------------------------------------------------------------------------------------------
@@ -315,6 +332,21 @@ class Image:
     block_bytes: tuple[bytes, ...]
     frame_bits: tuple[int, ...] = field(repr=False)
     """Bits on the wire per frame's datagram (vmcast header, IPv4 and UDP included)."""
+    _parity: dict[tuple[int, int], bytes] = field(default_factory=dict, repr=False, compare=False)
+    _encoders: dict[int, ParityEncoder] = field(default_factory=dict, repr=False, compare=False)
+
+    def parity_datagram(self, block: int, esi: int) -> bytes:
+        """The parity frame of `block`, symbol `esi`: real RaptorQ bytes, made on first use and kept."""
+        datagram = self._parity.get((block, esi))
+        if datagram is None:
+            encoder = self._encoders.get(block)
+            if encoder is None:
+                encoder = self._encoders[block] = ParityEncoder(self.block_bytes[block], frame_size=self.frame_size)
+            # Symbols in chunks: the carousel asks for each block's ESIs in increasing order.
+            for offset, symbol in enumerate(encoder.symbols(esi, 32 if esi + 32 < (1 << 24) else 1)):
+                self._parity[(block, esi + offset)] = encode_parity_header(COOKIE, block=block, esi=esi + offset) + symbol
+            datagram = self._parity[(block, esi)]
+        return datagram
 
     @property
     def frames(self) -> int:
@@ -351,6 +383,8 @@ class Scenario:
     """Receivers join uniformly over this many loops from the start (0: all at time 0)."""
     repair: bool = True
     """False: receivers never ask (the carousel alone)."""
+    fec: bool = False
+    """True: receivers ask for parity per block (the stream announces RaptorQ); False: per-frame NACK."""
 
     @property
     def name(self) -> str:
@@ -359,6 +393,8 @@ class Scenario:
             parts.append(f"late {self.join_spread:g} loop")
         if not self.repair:
             parts.append("no repair")
+        else:
+            parts.append("fec" if self.fec else "nack")
         return ", ".join(parts)
 
 
@@ -374,16 +410,25 @@ class Result:
     completion_loops: list[float]
     """Per receiver, from its join to COMPLETE, in loops (inf: not complete when the run stopped)."""
     repair_frames: int
+    """Repair datagrams sent: requested data frames plus parity frames."""
+    parity_frames: int
+    """Of which parity frames."""
     carousel_frames: int
     metadata_datagrams: int
     requests_sent: int
     requests_lost: int
     frames_requested: int
+    parity_requested: int
     repairs_nobody_needed: int
     simulated_seconds: float
     wall_seconds: float
     image_checks_ok: int
     cpu_seconds: float = 0.0
+    decodes: int = 0
+    """Blocks recovered from parity (real RaptorQ decodes, unless `decode_mode` is "count")."""
+    failed_decodes: int = 0
+    """Decodes that needed one more symbol (`RecoveryFailed`)."""
+    decode_mode: str = "real"
     variant: dict[str, object] = field(default_factory=dict)
     states: dict[str, int] = field(default_factory=dict)
     """How many assemblies ended in each `AssemblyState`."""
@@ -409,6 +454,7 @@ class Result:
             "loss_label": self.scenario.loss.label,
             "join_spread_loops": self.scenario.join_spread,
             "repair": self.scenario.repair,
+            "fec": self.scenario.fec,
             "frames": self.frames,
             "frame_size": self.frame_size,
             "link_rate_bps": self.link_rate,
@@ -420,10 +466,15 @@ class Result:
             "max": self.percentile(1.0),
             "incomplete": self.incomplete,
             "repair_fraction": self.repair_frames / self.frames,
+            "parity_fraction": self.parity_frames / self.frames,
             "useless_repair_fraction": self.repairs_nobody_needed / self.frames,
             "requests_per_receiver": self.requests_sent / n,
             "requests_lost": self.requests_lost,
             "frames_requested_per_receiver": self.frames_requested / n,
+            "parity_requested_per_receiver": self.parity_requested / n,
+            "decodes": self.decodes,
+            "failed_decodes": self.failed_decodes,
+            "decode_mode": self.decode_mode,
             "carousel_loops": self.carousel_frames / self.frames,
             "wire_per_image": self.datagrams / self.frames,
             "metadata_datagrams": self.metadata_datagrams,
@@ -450,20 +501,28 @@ def simulate(
     feed_duplicates: bool = False,
     max_loops: float = 40.0,
     variant: dict[str, object] | None = None,
+    decode: str = "real",
 ) -> Result:
     """Run one scenario until every receiver is COMPLETE (or `max_loops` loops after the last join).
 
     `overrides` sets protocol constants (`TUNABLES`); `variant` turns on design experiments (`VARIANTS`).
+    `decode`: "real" decodes every block recovered from parity; "count" counts it recovered (module docstring).
     """
+    if decode not in ("real", "count"):
+        raise ValueError(f"decode is 'real' or 'count', not {decode!r}")
     with overridden(overrides or {}) as constants:
         return _Run(scenario, image, link_rate=link_rate, seed=seed, request_delay=request_delay, constants=constants,
-                    feed_duplicates=feed_duplicates, max_loops=max_loops, variant=check_variant(dict(variant or {}))).run()
+                    feed_duplicates=feed_duplicates, max_loops=max_loops, variant=check_variant(dict(variant or {})),
+                    decode=decode).run()
 
 
 class _Run:
     def __init__(self, scenario: Scenario, image: Image, *, link_rate: float, seed: int, request_delay: float,
-                 constants: dict[str, float], feed_duplicates: bool, max_loops: float, variant: dict[str, object]) -> None:
+                 constants: dict[str, float], feed_duplicates: bool, max_loops: float, variant: dict[str, object],
+                 decode: str = "real") -> None:
         self.scenario, self.image, self.link_rate, self.seed, self.variant = scenario, image, link_rate, seed, variant
+        self.decode = decode
+        self.decodes = self.failed_decodes = 0
         self.request_delay, self.constants, self.feed_duplicates = request_delay, constants, feed_duplicates
         key = f"{seed}/{scenario.receivers}/{scenario.loss.spec}/{scenario.join_spread}"
         self.loss = scenario.loss.process(random.Random(f"loss/{key}"))
@@ -487,12 +546,13 @@ class _Run:
         n = scenario.receivers
         carousel = Carousel(manifest=image.manifest, cookie=COOKIE, metadata_interval=self.constants["METADATA_INTERVAL"])
         if self.variant.get("queue") == "oldest":
-            carousel.repairs = OldestFirstQueue(layout=image.manifest.layout)
+            carousel.repairs = OldestFirstQueue(layout=image.manifest.layout, fec=carousel.fec)
         carousel_per_repair = int(self.variant.get("share", 0))  # 0: the carousel's own rule
         since_repair = carousel_per_repair
         holdoff = float(self.variant.get("holdoff", 0.0))
         last_sent = [-math.inf] * image.frames if holdoff else None
         seconds_per_frame = [bits / self.link_rate for bits in image.frame_bits]
+        seconds_per_parity = (image.frame_size + HEADER_BYTES + IP_UDP_BYTES) * 8 / self.link_rate
         seconds_per_metadata = [(len(d) + IP_UDP_BYTES) * 8 / self.link_rate for d in carousel.metadata_datagrams]
         datagrams, frame_size, sha1 = image.datagrams, image.frame_size, image.manifest.sha1
         assemblies, planners = self.assemblies, self.planners
@@ -519,6 +579,27 @@ class _Run:
             self.verified += 1
             self.done_time[r] = at
             return True
+
+        def recover(r: int, block: int, at: float) -> bool:
+            """A block the assembly says is decodable: decode it from its held frames and parity, then check it."""
+            assembly = assemblies[r]
+            if self.decode == "count":
+                self.decodes += 1
+                verdict = assembly.accept_block(block, image.block_bytes[block])
+                if not verdict.image_complete:
+                    return False
+                return complete_block(r, block, at)
+            true_bytes = image.block_bytes[block]
+            result = assembly.recover_block(block, true_bytes)
+            if result.__class__ is not BlockRecovered:
+                self.failed_decodes += 1
+                return False
+            self.decodes += 1
+            start = image.manifest.layout.block_span(block)[0]
+            for offset, data in result.frames:
+                if data != true_bytes[offset - start : offset - start + len(data)]:
+                    raise AssertionError(f"receiver {r}: block {block} decoded to wrong bytes at {offset}")
+            return result.checksum_known and complete_block(r, block, at)
 
         while remaining:
             while next_join < n and joins[next_join][0] <= now:
@@ -573,7 +654,8 @@ class _Run:
                         event = receive(datagram)
                         if event.__class__ is DataReceived:
                             needed = True
-                            if event.completed_block is not None and complete_block(r, event.completed_block, now):
+                            if (event.completed_block is not None and complete_block(r, event.completed_block, now)) or (
+                                    event.decodable_block is not None and recover(r, event.decodable_block, now)):
                                 finished = finished or []
                                 finished.append(r)
                     if not needed:
@@ -586,10 +668,40 @@ class _Run:
                         if held[frame] and not feed_duplicates:
                             continue
                         event = receive(datagram)
-                        if (event.__class__ is DataReceived and event.completed_block is not None
-                                and complete_block(r, event.completed_block, now)):
+                        if event.__class__ is DataReceived and (
+                                (event.completed_block is not None and complete_block(r, event.completed_block, now))
+                                or (event.decodable_block is not None and recover(r, event.decodable_block, now))):
                             finished = finished or []
                             finished.append(r)
+                if finished:
+                    remaining -= len(finished)
+                    for r in finished:
+                        loss.leave(r)
+                    gone = set(finished)
+                    active = [entry for entry in active if entry[0] not in gone]
+            elif type(action) is SendParity:
+                since_repair = 0
+                datagram = image.parity_datagram(action.block, action.esi)
+                now += seconds_per_parity
+                lost = loss.losers(d)
+                d += 1
+                for r in waiting:
+                    if r not in lost:
+                        assemblies[r].receive_datagram(datagram)  # dropped: before metadata
+                needed = False
+                finished = None
+                block = action.block
+                for r, receive, _, held in active:
+                    if r in lost:
+                        continue
+                    event = receive(datagram)
+                    if event.__class__ is ParityReceived:
+                        needed = True
+                        if event.decodable and recover(r, block, now):
+                            finished = finished or []
+                            finished.append(r)
+                if not needed:
+                    useless += 1
                 if finished:
                     remaining -= len(finished)
                     for r in finished:
@@ -635,7 +747,8 @@ class _Run:
                             held = assembly.held_frames
                             planner = RepairPlanner(layout=assembly.layout, received=held,
                                                     interval=self.constants["REQUEST_INTERVAL"],
-                                                    rerequest_after=self.constants["REREQUEST_AFTER"])
+                                                    rerequest_after=self.constants["REREQUEST_AFTER"],
+                                                    parity_held=assembly.parity_held, fec=scenario.fec and assembly.fec)
                             planners[r] = planner
                             active.append((r, assembly.receive_datagram, planner.observe_carousel, held))
                             if scenario.repair:
@@ -661,12 +774,14 @@ class _Run:
             seed=self.seed,
             constants=dict(self.constants),
             completion_loops=loops,
-            repair_frames=carousel.repair_frames_sent,
+            repair_frames=carousel.repair_frames_sent + carousel.parity_frames_sent,
+            parity_frames=carousel.parity_frames_sent,
             carousel_frames=carousel.data_frames_sent,
             metadata_datagrams=metadata_datagrams,
             requests_sent=requests_sent,
             requests_lost=requests_lost,
             frames_requested=sum(p.frames_requested for p in planned),
+            parity_requested=sum(p.parity_requested for p in planned),
             repairs_nobody_needed=useless,
             simulated_seconds=now,
             wall_seconds=time.perf_counter() - started,
@@ -674,4 +789,7 @@ class _Run:
             variant=dict(self.variant),
             image_checks_ok=self.verified,
             states=states,
+            decodes=self.decodes,
+            failed_decodes=self.failed_decodes,
+            decode_mode=self.decode,
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from vmcast.protocol import FEC_SCHEME
 
 from ..catalog import CatalogImage
 from ..registry import Lease, Release, StreamStatus
@@ -86,6 +87,10 @@ class StreamStarted(_Model):
         0,
         description="Bytes of the image in all-zero blocks: metadata names them and they are never sent, so a loop carries `len - zero_bytes` bytes of data.",
     )
+    fec: str | None = Field(
+        None,
+        description='The parity scheme the stream\'s metadata announces ("raptorq"): receivers may ask for parity of a block instead of its lost frames (docs/PROTOCOL.md section 8); null: none.',
+    )
     repair_port: int = Field(
         description="UDP port, on the API's host, that takes repair requests (docs/PROTOCOL.md section 7)."
     )
@@ -124,6 +129,7 @@ def _identity_of(stream) -> dict[str, object]:
         "frame_size": stream.frame_size,
         "block_size": stream.block_size,
         "zero_bytes": stream.zero_bytes,
+        "fec": FEC_SCHEME if stream.sender.fec else None,
     }
 
 
@@ -141,6 +147,7 @@ class Stream(_Model):
     frame_size: int
     block_size: int
     zero_bytes: int = Field(0, description="Bytes of the image in all-zero blocks, which are never sent.")
+    fec: str | None = Field(None, description='The parity scheme the stream announces ("raptorq"), null: none.')
     references: int = Field(description="Leases holding the stream; it stops when the last is released.")
     loops_completed: int = Field(description="Times the whole image was sent.")
     bytes_sent: int = Field(description="UDP payload bytes sent (vmcast frame headers included, IP/UDP headers not).")
@@ -157,6 +164,11 @@ class Stream(_Model):
     carousel_port: int = Field(description="Source UDP port of the carousel's datagrams (repair frames come from another).")
     repair_requests: int = Field(description="Repair requests accepted for this stream.")
     repair_frames_sent: int = Field(description="Frames resent (from the repair source port) because receivers asked.")
+    parity_frames_sent: int = Field(
+        0, description="RaptorQ parity frames sent (from the repair source port) because receivers asked (not in repair_frames_sent)."
+    )
+    parity_jobs: int = Field(0, description="Parity jobs done by the server's workers for this stream (one or more per block asked for).")
+    parity_cpu_seconds: float = Field(0.0, description="CPU time of the server's parity workers for this stream's parity.")
     repair_pending: int = Field(description="Frames asked for and not resent yet.")
     repair_drops: int = Field(
         description="Repair requests for this stream that were dropped: malformed, frames outside the image, or backlog full."
@@ -181,6 +193,9 @@ class Stream(_Model):
             carousel_port=sender.carousel_port,
             repair_requests=sender.repair_requests,
             repair_frames_sent=sender.repair_frames_sent,
+            parity_frames_sent=sender.parity_frames_sent,
+            parity_jobs=sender.parity_jobs,
+            parity_cpu_seconds=round(sender.parity_cpu_seconds, 3),
             repair_pending=sender.repair_pending,
             repair_drops=sender.repair_drops,
         )

@@ -34,6 +34,7 @@ from benchmarks.testbed import Host, LinkSpec, TestBed
 
 VMCAST = [sys.executable, "-m", "vmcast.server.cli"]
 RELAY_SCRIPT = Path(__file__).with_name("corrupting_relay.py")
+PARITY_ASKER_SCRIPT = Path(__file__).with_name("parity_asker.py")
 
 # Every bed is a fresh set of namespaces: fixed ports cannot clash with anything.
 API_PORT = 8470

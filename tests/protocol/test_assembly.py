@@ -313,3 +313,213 @@ def test_without_checksums_an_out_of_band_block_is_accepted_and_the_sha1_decides
     assert assembly.state is AssemblyState.VERIFYING_IMAGE
     wrong = assembly.check_image(hashlib.sha1(b"\x01" * 12_000).hexdigest())
     assert wrong.expected != wrong.actual and assembly.state is AssemblyState.RECEIVING
+
+
+# -- parity (docs/PROTOCOL.md section 8) ------------------------------------------------------------------------
+
+
+def feed(assembly: Assembly, disk: bytearray, datagrams: list[bytes]) -> None:
+    """Feed datagrams and write what they bring (no checks)."""
+    for datagram in datagrams:
+        event = assembly.receive_datagram(datagram)
+        if isinstance(event, DataReceived):
+            disk[event.offset : event.offset + len(event.payload)] = event.payload
+
+
+def parity_stream(image: bytes, *, frame_size: int = FRAME, block_size: int = 8000, fec: bool | None = None):
+    """(manifest, metadata datagrams, data datagrams by frame, parity(block, esi) -> datagram)."""
+    from vmcast.protocol import ParityEncoder, encode_parity_header
+
+    manifest = manifest_of(image, frame_size=frame_size, block_size=block_size, fec=fec)
+    layout = manifest.layout
+    metadata = [encode_metadata(COOKIE, f) for f in manifest.metadata_frames()]
+    data = [encode_data(COOKIE, o, image[o : o + frame_size]) for o in range(0, len(image), frame_size)]
+    encoders = {}
+
+    def parity(block: int, esi: int, *, symbol: bytes | None = None) -> bytes:
+        if symbol is None:
+            if block not in encoders:
+                start, end = layout.block_span(block)
+                encoders[block] = ParityEncoder(image[start:end], frame_size=frame_size)
+            symbol = encoders[block].symbols(esi, 1)[0]
+        return encode_parity_header(COOKIE, block=block, esi=esi) + symbol
+
+    return manifest, metadata, data, parity
+
+
+def test_a_block_missing_frames_is_recovered_from_as_many_parity_symbols_and_verified_by_its_checksum():
+    from vmcast.protocol import BlockRecovered, BlockVerified, ParityReceived
+
+    image = image_of(749 * 1400 * 2, seed=4)  # two real-size blocks of 749 frames
+    manifest, metadata, data, parity = parity_stream(image, frame_size=1400, block_size=749 * 1400)
+    assembly = Assembly(cookie=COOKIE)
+    disk = bytearray(len(image))
+    for datagram in metadata:
+        assembly.receive_datagram(datagram)
+    assert assembly.fec
+    lost = set(random.Random(1).sample(range(749), 25))
+    for frame in range(749):
+        if frame not in lost:
+            event = assembly.receive_datagram(data[frame])
+            disk[event.offset : event.offset + len(event.payload)] = event.payload
+    events = [assembly.receive_datagram(parity(0, 749 + i)) for i in range(25)]
+    assert all(isinstance(e, ParityReceived) for e in events)
+    assert [e.decodable for e in events] == [False] * 24 + [True]
+    assert assembly.parity_held[0] == 25
+    recovered = assembly.recover_block(0, disk[: 749 * 1400])
+    if not isinstance(recovered, BlockRecovered):  # 1% of K-symbol decodes need one more symbol
+        assembly.receive_datagram(parity(0, 749 + 25))
+        recovered = assembly.recover_block(0, disk[: 749 * 1400])
+    assert isinstance(recovered, BlockRecovered) and recovered.checksum_known
+    assert sorted(offset // 1400 for offset, _ in recovered.frames) == sorted(lost)
+    for offset, payload in recovered.frames:
+        disk[offset : offset + len(payload)] = payload
+    assert isinstance(assembly.check_block(0, disk[: 749 * 1400]), BlockVerified)
+    assert bytes(disk[: 749 * 1400]) == image[: 749 * 1400]
+    assert assembly.parity_held[0] == 0 and assembly.parity_bytes == 0  # the parity is freed
+
+
+def test_wrong_parity_bytes_make_a_recovered_block_fail_its_checksum_and_it_is_never_verified():
+    from vmcast.protocol import BlockRecovered
+
+    image = image_of(16_000)
+    _, metadata, data, parity = parity_stream(image)
+    receiver = MemoryReceiver(cookie=COOKIE)
+    for datagram in metadata + data[1:8]:  # frame 0 of block 0 lost
+        receiver.feed(datagram)
+    event = receiver.assembly.receive_datagram(parity(0, 8, symbol=bytes(FRAME)))  # a symbol of the wrong bytes
+    assert event.decodable
+    recovered = receiver.assembly.recover_block(0, receiver.disk[:8000])
+    assert isinstance(recovered, BlockRecovered)
+    for offset, payload in recovered.frames:
+        receiver.disk[offset : offset + len(payload)] = payload
+    verdict = receiver.assembly.check_block(0, receiver.disk[:8000])
+    assert isinstance(verdict, BlockCorrupt)
+    assert not receiver.assembly.is_verified(0)
+    assert receiver.assembly.held_frames[:8].count() == 0 and receiver.assembly.parity_held[0] == 0  # all taken again
+    for datagram in data:
+        receiver.feed(datagram)
+    assert receiver.complete and bytes(receiver.disk) == image
+
+
+def test_a_data_frame_that_makes_a_block_decodable_with_parity_held_says_so():
+    image = image_of(16_000)
+    _, metadata, data, parity = parity_stream(image)
+    receiver = MemoryReceiver(cookie=COOKIE)
+    for datagram in metadata + data[2:7]:  # frames 0, 1 and 7 of block 0 missing
+        receiver.feed(datagram)
+    assert not receiver.assembly.receive_datagram(parity(0, 8)).decodable
+    assert not receiver.assembly.receive_datagram(parity(0, 9)).decodable
+    event = receiver.assembly.receive_datagram(data[7])
+    assert isinstance(event, DataReceived) and event.decodable_block == 0 and event.completed_block is None
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda parity: parity(2, 8, symbol=bytes(FRAME)), DropReason.MALFORMED_PARITY),  # block 2 of a 2-block image
+        (lambda parity: parity(0, 7, symbol=bytes(FRAME)), DropReason.MALFORMED_PARITY),  # ESI 7 is frame 7
+        (lambda parity: parity(0, 8)[:-1], DropReason.MALFORMED_PARITY),  # a symbol one byte short
+        (lambda parity: parity(0, 8) + b"x", DropReason.MALFORMED_PARITY),
+        (lambda parity: parity(0, 8)[:16], DropReason.EMPTY_PAYLOAD),
+    ],
+    ids=["no-such-block", "source-esi", "short", "long", "empty"],
+)
+def test_malformed_parity_is_a_counted_drop_with_a_reason(make, reason):
+    image = image_of(16_000)
+    _, metadata, data, parity = parity_stream(image)
+    assembly = Assembly(cookie=COOKIE)
+    for datagram in metadata + data[1:5]:
+        assembly.receive_datagram(datagram)
+    event = assembly.receive_datagram(make(parity))
+    assert isinstance(event, Dropped) and event.reason is reason
+    assert assembly.drops[reason] == 1 and assembly.parity_kept == 0
+
+
+def test_parity_of_a_verified_or_complete_block_or_beyond_what_it_misses_plus_the_spare_is_unused():
+    from vmcast.protocol import PARITY_SPARE, ParityReceived, ParityUnused
+
+    image = image_of(24_000)
+    _, metadata, data, parity = parity_stream(image)
+    assembly = Assembly(cookie=COOKIE)
+    disk = bytearray(len(image))
+    feed(assembly, disk, metadata + data[:8] + data[9:16] + data[17:])  # block 0 whole; frames 8 and 16 lost
+    assert assembly.receive_datagram(parity(0, 8)) == ParityUnused(block=0, esi=8, reason="complete")  # not checked yet
+    assembly.check_block(0, disk[:8000])
+    assert assembly.receive_datagram(parity(0, 9)) == ParityUnused(block=0, esi=9, reason="verified")
+    events = [assembly.receive_datagram(parity(1, 8 + i)) for i in range(1 + PARITY_SPARE + 1)]
+    assert [type(e) for e in events] == [ParityReceived] * (1 + PARITY_SPARE) + [ParityUnused]
+    assert events[-1].reason == "enough"  # block 1 misses one frame: one symbol and the spare are kept
+    assert assembly.parity_unused == 3 and assembly.parity_kept == 1 + PARITY_SPARE
+
+
+def test_a_duplicate_parity_symbol_is_unused():
+    image = image_of(16_000)
+    _, metadata, data, parity = parity_stream(image)
+    assembly = Assembly(cookie=COOKIE)
+    for datagram in metadata + data[3:]:
+        assembly.receive_datagram(datagram)
+    assert assembly.receive_datagram(parity(0, 8)).__class__.__name__ == "ParityReceived"
+    assert assembly.receive_datagram(parity(0, 8)).reason == "duplicate"
+    assert assembly.parity_held[0] == 1
+
+
+def test_parity_memory_is_bounded_by_a_named_limit(monkeypatch):
+    from vmcast.protocol import assembly as assembly_module
+
+    monkeypatch.setattr(assembly_module, "PARITY_MEMORY_LIMIT", 3 * FRAME)
+    image = image_of(40_000)  # five blocks, nothing of them held
+    _, metadata, _, parity = parity_stream(image)
+    assembly = Assembly(cookie=COOKIE)
+    for datagram in metadata:
+        assembly.receive_datagram(datagram)
+    events = [assembly.receive_datagram(parity(block, 8)) for block in range(5)]
+    assert [getattr(e, "reason", "kept") for e in events] == ["kept"] * 3 + ["memory"] * 2
+    assert assembly.parity_bytes == 3 * FRAME
+
+
+def test_a_stream_without_fec_drops_parity_as_past_the_end_like_an_old_receiver():
+    image = image_of(16_000)
+    _, metadata, data, parity = parity_stream(image, fec=False)
+    assembly = Assembly(cookie=COOKIE)
+    for datagram in metadata + data[1:]:
+        assembly.receive_datagram(datagram)
+    assert not assembly.fec
+    event = assembly.receive_datagram(parity(0, 8))
+    assert isinstance(event, Dropped) and event.reason is DropReason.PAST_END
+
+
+def test_a_failed_decode_counts_one_symbol_less_so_one_more_is_asked_for():
+    from vmcast.protocol import BlockRecovered, RecoveryFailed
+
+    image = image_of(16_000)
+    _, metadata, data, parity = parity_stream(image)
+    assembly = Assembly(cookie=COOKIE)
+    disk = bytearray(len(image))
+    feed(assembly, disk, metadata + data[2:8])
+    # Frames 2-7 with symbols 19 and 27 are 8 symbols for 8 frames that do not decode (found by search: RaptorQ
+    # from exactly K symbols fails ~1% of the time; RFC 6330 symbols are the same on every implementation).
+    assembly.receive_datagram(parity(0, 19))
+    assert assembly.receive_datagram(parity(0, 27)).decodable
+    assert assembly.recover_block(0, disk[:8000]) == RecoveryFailed(block=0, symbols=8)
+    assert assembly.parity_held[0] == 1 and assembly.recoveries_failed == 1  # the planner asks for one more
+    with pytest.raises(LocalProtocolError):
+        assembly.recover_block(0, disk[:8000])  # not decodable until one more symbol comes
+    assert assembly.receive_datagram(parity(0, 8)).decodable
+    recovered = assembly.recover_block(0, disk[:8000])
+    assert isinstance(recovered, BlockRecovered)
+    assert [offset for offset, _ in recovered.frames] == [0, FRAME]
+    assert b"".join(payload for _, payload in recovered.frames) == image[: 2 * FRAME]
+
+
+def test_recovering_a_block_that_is_not_decodable_is_a_local_error():
+    image = image_of(16_000)
+    _, metadata, data, parity = parity_stream(image)
+    assembly = Assembly(cookie=COOKIE)
+    for datagram in metadata + data[2:]:
+        assembly.receive_datagram(datagram)
+    assembly.receive_datagram(parity(0, 8))
+    with pytest.raises(LocalProtocolError):
+        assembly.recover_block(0, bytes(8000))
+    with pytest.raises(LocalProtocolError):
+        assembly.recover_block(1, bytes(8000))  # complete: check it instead

@@ -39,3 +39,31 @@ def test_the_last_frame_of_an_image_may_be_short():
     lengths = [carousel.next_send(0.0).length for _ in range(3)]
     assert lengths == [1000, 1000, 500]
     assert isinstance(carousel.next_send(0.0), SendMetadata)
+
+
+def test_parity_goes_out_one_for_one_with_carousel_frames_and_takes_turns_with_frame_repairs():
+    from vmcast.protocol import RepairRequest, SendParity, encode_parity_header
+
+    manifest = manifest_of(os.urandom(100_000), frame_size=1000, block_size=10_000)
+    carousel = Carousel(manifest=manifest, cookie=COOKIE, metadata_interval=100.0)
+    carousel.next_send(0.0)
+    carousel.request_repair(RepairRequest(ranges=((50, 2),), parity=((6, 3),)))
+    kinds = []
+    for _ in range(10):
+        action = carousel.next_send(0.0)
+        if isinstance(action, SendParity):
+            assert action.repair and action.header == encode_parity_header(COOKIE, block=action.block, esi=action.esi)
+            kinds.append(f"P{action.block}:{action.esi}")
+        else:
+            kinds.append(f"R{action.offset // 1000}" if action.repair else "C")
+    assert kinds == ["R50", "C", "P6:10", "C", "R51", "C", "P6:11", "C", "P6:12", "C"]
+    assert (carousel.parity_frames_sent, carousel.repair_frames_sent, carousel.data_frames_sent) == (3, 2, 5)
+
+
+def test_a_carousel_without_fec_never_sends_parity():
+    from vmcast.protocol import RepairRequest, SendParity
+
+    manifest = manifest_of(os.urandom(100_000), frame_size=1000, fec=False)
+    carousel = Carousel(manifest=manifest, cookie=COOKIE)
+    carousel.request_repair(RepairRequest(parity=((0, 5),)))
+    assert not any(isinstance(carousel.next_send(0.0), SendParity) for _ in range(300))

@@ -7,9 +7,12 @@ from pathlib import Path
 from vmcast.protocol import (
     DataFrame,
     MetadataFrame,
+    ParityEncoder,
+    ParityFrame,
     decode,
     encode_data,
     encode_metadata,
+    encode_parity_header,
     manifest_of,
     parse_metadata,
 )
@@ -41,7 +44,8 @@ def test_golden_data_frame_decodes_to_offset_and_payload():
 
 
 def test_tiny_image_manifest_encodes_to_the_golden_metadata_frame():
-    manifest = manifest_of(TINY_IMAGE, name="tiny.raw", frame_size=1400, block_size=2800)
+    # The example is a sender without parity; with parity (the default here) "fec":"raptorq" is added.
+    manifest = manifest_of(TINY_IMAGE, name="tiny.raw", frame_size=1400, block_size=2800, fec=False)
     assert manifest.sha1 == TINY_SHA1
     assert [f"{s:016x}" for s in manifest.block_xxh3] == ["ab6938c82669c0e1", "021700158e4df70f"]
     (only,) = manifest.metadata_frames()
@@ -96,3 +100,48 @@ def test_tiny_image_from_a_minimal_sender_assembles_and_verifies():
         receiver.feed(encode_data(COOKIE, offset, TINY_IMAGE[offset : offset + 1400]))
     assert receiver.complete
     assert bytes(receiver.disk) == TINY_IMAGE
+
+
+# -- Parity (docs/PROTOCOL.md section 8's example) ---------------------------------------------------------
+
+FOX = b"The quick brown fox jumps over the lazy dog"  # 43 bytes: frames of 16, blocks of 32 (K = 2 and 1)
+FOX_METADATA_JSON = (
+    '{"block":32,"fec":"raptorq","format":"raw","frame":16,"len":43,"name":"fox.txt",'
+    '"sha1":"2fd4e1c67a2d28fced849ee1bb76e7391b93eb12","v":1,"xxh3":{"first":0,"sums":["7faa8dfb9e729c7b","9490120d36eba518"]}}'
+)
+PARITY_FRAME = bytes.fromhex(
+    "76 6d 63 61 73 74 00 01 80 00 00 00 00 00 00 02 f2 42 16 91 07 31 90 7b 47 91 48 02 fd bc df 83"
+)  # block 0, ESI 2: the first repair symbol of "The quick brown fox jumps over t"
+
+
+def test_the_fox_image_announces_raptorq_parity_in_its_golden_metadata():
+    manifest = manifest_of(FOX, name="fox.txt", frame_size=16, block_size=32)
+    (only,) = manifest.metadata_frames()
+    assert encode_metadata(COOKIE, only) == bytes.fromhex("766d636173740001ffffffffffffffff") + FOX_METADATA_JSON.encode()
+
+
+def test_the_first_repair_symbol_of_block_0_encodes_to_the_golden_parity_frame():
+    symbol = ParityEncoder(FOX[:32], frame_size=16).symbols(2, 1)[0]
+    assert encode_parity_header(COOKIE, block=0, esi=2) + symbol == PARITY_FRAME
+
+
+def test_the_golden_parity_frame_decodes_to_block_0_esi_2():
+    frame = decode(PARITY_FRAME, cookie=COOKIE)
+    assert isinstance(frame, ParityFrame)
+    assert (frame.block, frame.esi, bytes(frame.payload)) == (0, 2, PARITY_FRAME[16:])
+
+
+def test_the_golden_parity_frame_replaces_a_lost_frame_of_block_0():
+    receiver = MemoryReceiver(cookie=COOKIE)
+    receiver.feed(bytes.fromhex("766d636173740001ffffffffffffffff") + FOX_METADATA_JSON.encode())
+    receiver.feed(encode_data(COOKIE, 16, FOX[16:32]))  # frame 0 ("The quick brown ") is lost
+    receiver.feed(encode_data(COOKIE, 32, FOX[32:]))
+    receiver.feed(PARITY_FRAME)
+    assert receiver.recovered_blocks == [0]
+    assert receiver.complete and bytes(receiver.disk) == FOX
+
+
+def test_the_specification_quotes_the_golden_parity_bytes_verbatim():
+    spec = SPEC.read_text()
+    assert FOX_METADATA_JSON in spec
+    assert "76 6d 63 61 73 74 00 01  80 00 00 00 00 00 00 02  f2 42 16 91 07 31 90 7b 47 91 48 02 fd bc df 83" in spec

@@ -98,3 +98,26 @@ def test_a_large_image_needs_several_metadata_frames():
     # 200 blocks of 1400 bytes: more checksums than one frame holds.
     manifest = manifest_of(os.urandom(200 * 1400), frame_size=1400, block_size=1400)
     assert len(manifest.metadata_frames()) > 1
+
+
+def test_fec_names_the_parity_scheme_and_needs_block_checksums():
+    metadata = parse_metadata({"sha1": SHA1, "len": 10, "frame": 8, "block": 8, "fec": "raptorq"})
+    assert metadata.fec == "raptorq"
+    assert parse_metadata({"sha1": SHA1, "len": 10, "frame": 8, "block": 8, "fec": "reed-solomon"}).fec == "reed-solomon"
+    assert parse_metadata({"sha1": SHA1, "len": 10}).fec is None
+    for bad in ({"fec": 1}, {"fec": ["raptorq"]}, {"fec": "raptorq", "block": None, "frame": None}):
+        fields = {"sha1": SHA1, "len": 10, "frame": 8, "block": 8, **bad}
+        fields = {k: v for k, v in fields.items() if v is not None}
+        dropped = parse_metadata(fields)
+        assert isinstance(dropped, Dropped) and dropped.reason is DropReason.MALFORMED_METADATA
+
+
+def test_a_manifest_announces_parity_by_default_when_every_block_can_have_it():
+    assert manifest_of(os.urandom(5000), frame_size=1000).fec is True
+    assert manifest_of(os.urandom(5000), frame_size=1000).metadata_frames()[0]["fec"] == "raptorq"
+    assert manifest_of(os.urandom(5000), frame_size=1001).fec is False  # symbols are multiples of 8 bytes
+    off = manifest_of(os.urandom(5000), frame_size=1000, fec=False)
+    assert off.fec is False and "fec" not in off.metadata_frames()[0]
+    assert manifest_of(b"").fec is False
+    with pytest.raises(ValueError):
+        manifest_of(os.urandom(5000), frame_size=1001, fec=True)

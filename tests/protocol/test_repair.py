@@ -209,3 +209,138 @@ def test_a_sender_restart_far_back_is_still_told_apart_from_reordering():
     planner.poll(0.0, jitter=0.0)
     # A restart from 900: only what the carousel sent since is passed; frame 100 comes round again by itself.
     assert planner.poll(1.0, jitter=0.0) is None
+
+
+# -- parity requests (docs/PROTOCOL.md section 8) ---------------------------------------------------------------
+
+
+def test_a_request_with_parity_round_trips_and_keeps_the_frames_key_for_senders_without_parity():
+    request = RepairRequest(ranges=((5, 2),), parity=((0, 3), (7, 1)))
+    datagram = encode_repair_request(COOKIE, request)
+    assert datagram[16:] == b'{"v":1,"frames":[[5,2]],"parity":[[0,3],[7,1]]}'
+    assert decode_repair_request(datagram, cookie=COOKIE, frame_count=100, block_count=8) == request
+    # A sender without parity (no block_count) serves the frames and ignores the rest.
+    assert decode_repair_request(datagram, cookie=COOKIE, frame_count=100) == RepairRequest(ranges=((5, 2),))
+
+
+def test_parity_entries_and_ranges_share_the_per_datagram_limit():
+    from vmcast.protocol import encode_repair_requests
+
+    request = RepairRequest(ranges=tuple((i * 10, 3) for i in range(30)), parity=tuple((b, 700) for b in range(100)))
+    datagrams = encode_repair_requests(COOKIE, request)
+    assert len(datagrams) == 3 and all(len(d) - 16 <= 1200 for d in datagrams)
+    decoded = [decode_repair_request(d, cookie=COOKIE, frame_count=10**6, block_count=100) for d in datagrams]
+    assert sum((d.ranges for d in decoded), ()) == request.ranges
+    assert sum((d.parity for d in decoded), ()) == request.parity
+
+
+@pytest.mark.parametrize(
+    "parity",
+    [b'3', b'[[1]]', b'[[-1, 2]]', b'[[8, 1]]', b'[[0, 0]]', b'[[0, 8193]]', b'[[0, true]]', b'[[0, 1.0]]', b'{"0": 1}'],
+)
+def test_malformed_parity_entries_drop_the_request(parity):
+    datagram = encode_repair_request(COOKIE, RepairRequest())[:16] + b'{"v":1,"frames":[],"parity":' + parity + b"}"
+    result = decode_repair_request(datagram, cookie=COOKIE, frame_count=100, block_count=8)
+    assert isinstance(result, Dropped) and result.reason is DropReason.MALFORMED_METADATA
+
+
+def fec_planner(layout, received, parity_held):
+    return RepairPlanner(layout=layout, received=received, parity_held=parity_held, fec=True)
+
+
+def test_a_parity_planner_asks_per_block_for_its_passed_missing_frames_net_of_parity_held():
+    from array import array
+
+    layout = manifest_of(bytes(100_000), frame_size=1000, block_size=10_000).layout  # 10 blocks of 10 frames
+    received = _bits(layout.frame_count)
+    held = array("I", bytes(4 * layout.block_count))
+    planner = fec_planner(layout, received, held)
+    lost = {3, 4, 5, 12, 27, 28, 90}
+    for frame in range(0, 100):  # joined at frame 0, position 99
+        if frame not in lost:
+            received[frame] = 1
+        planner.observe_carousel(frame)
+    held[2] = 1  # one symbol of block 2 is here already
+    planner.poll(0.0, jitter=0.0)  # the first poll only sets the timer
+    request = planner.poll(1.0, jitter=0.0)
+    # Block 0: 3 missing; block 1: 1; block 2: 2 missing less 1 held; frame 90 is within the reorder margin.
+    assert request.ranges == () and request.parity == ((0, 3), (1, 1), (2, 1))
+    assert planner.poll(1.15, jitter=0.0) is None  # asked: not again before REREQUEST_AFTER
+    assert planner.parity_requested == 5
+
+
+def test_parity_held_beyond_what_was_asked_stands_in_for_frames_lost_since():
+    from array import array
+
+    layout = manifest_of(bytes(100_000), frame_size=1000, block_size=50_000).layout  # 2 blocks of 50 frames
+    received = _bits(layout.frame_count)
+    held = array("I", bytes(4 * layout.block_count))
+    planner = fec_planner(layout, received, held)
+    for frame in range(100):
+        if frame not in (1, 2):
+            received[frame] = 1
+        planner.observe_carousel(frame)
+    planner.poll(0.0, jitter=0.0)
+    assert planner.poll(1.0, jitter=0.0).parity == ((0, 2),)
+    held[0] = 3  # the sender sent 3 (another receiver needed 3); frame 7 is lost meanwhile
+    received[7] = 0
+    planner.poll(1.1, jitter=0.0)
+    assert planner.poll(1.2, jitter=0.0) is None  # 2 symbols answer frames 1-2, the third stands in for 7
+
+
+def test_the_queue_keeps_per_block_the_largest_count_and_gives_fresh_symbol_ids():
+    layout = manifest_of(bytes(100_000), frame_size=1000, block_size=10_000).layout
+    queue = RepairQueue(layout=layout, fec=True)
+    queue.add(RepairRequest(parity=((3, 2), (5, 1))))
+    queue.add(RepairRequest(parity=((3, 3),)))
+    queue.add(RepairRequest(parity=((3, 1),)))
+    assert queue.parity_need(3) == 3 and queue.parity_pending == 4
+    sent = [queue.pop_parity() for _ in range(5)]
+    assert sent == [(3, 10), (5, 10), (3, 11), (3, 12), None]  # blocks in turn; ESIs from K = 10
+    queue.add(RepairRequest(parity=((3, 2),)))
+    assert [queue.pop_parity(), queue.pop_parity()] == [(3, 13), (3, 14)]  # never an ESI again
+
+
+def test_the_queue_caps_a_count_at_the_blocks_frames_and_ignores_parity_without_fec():
+    layout = manifest_of(bytes(100_000), frame_size=1000, block_size=10_000).layout
+    queue = RepairQueue(layout=layout, fec=True)
+    queue.add(RepairRequest(parity=((0, 500),)))
+    assert queue.parity_need(0) == 10
+    plain = RepairQueue(layout=layout)
+    plain.add(RepairRequest(ranges=((1, 1),), parity=((0, 5),)))
+    assert plain.pop_parity() is None and plain.parity_ignored == 5 and plain.pop() == 1
+
+
+def test_the_carousel_starting_a_block_again_drops_its_parity_need():
+    manifest = manifest_of(random.Random(1).randbytes(30_000), frame_size=1000, block_size=10_000)
+    carousel = Carousel(manifest=manifest, cookie=COOKIE, metadata_interval=100.0)
+    carousel.next_send(0.0)  # metadata
+    for _ in range(5):
+        carousel.next_send(0.0)  # frames 0-4
+    carousel.request_repair(RepairRequest(parity=((0, 4), (1, 4))))
+    actions = [carousel.next_send(0.0) for _ in range(20)]
+    parity = [(a.block, a.esi) for a in actions if a.__class__.__name__ == "SendParity"]
+    # Block 1's need is dropped once the carousel reaches frame 10; block 0's symbols all go out.
+    assert sorted(b for b, _ in parity).count(0) == 4
+    assert carousel.repairs.parity_need(1) == 0
+    assert carousel.parity_frames_sent == len(parity) < 8
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_with_parity_lossy_receivers_complete_with_fewer_repair_frames_than_with_frame_repair(seed):
+    from .memlink import run_with_repair as run_link
+
+    image = random.Random(seed).randbytes(2_000_000)
+    sent = {}
+    for fec in (False, True):
+        manifest = manifest_of(image, frame_size=1000, block_size=100_000)
+        carousel = Carousel(manifest=manifest, cookie=COOKIE, metadata_interval=0.05)
+        nodes = [MemoryReceiver(cookie=COOKIE) for _ in range(6)]
+        run_link(carousel, image, nodes, loss=0.05, rng=random.Random(seed), fec=fec)
+        assert all(bytes(node.disk) == image for node in nodes)
+        sent[fec] = carousel.repair_frames_sent + carousel.parity_frames_sent
+        if fec:
+            assert carousel.repair_frames_sent == 0 and carousel.parity_frames_sent > 0
+            assert sum(len(node.recovered_blocks) for node in nodes) > 0
+            assert all(node.corrupt_blocks_seen == [] for node in nodes)
+    assert sent[True] < sent[False] / 2

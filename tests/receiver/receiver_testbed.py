@@ -24,9 +24,11 @@ import pytest
 from vmcast.protocol import (
     Carousel,
     Idle,
+    ParityEncoder,
     SendMetadata,
     encode_data,
     encode_metadata,
+    encode_parity_header,
     manifest_of,
 )
 
@@ -93,6 +95,10 @@ class Sender:
     * ``batch``: data frames per sendmsg, as one UDP GSO batch (like `vmcast.server.sender`); a batch ends early
       at a short frame (the image's last) and before metadata. ``batches`` counts the batches sent, and
       ``short_tail_batches`` those of several frames that ended with a short one.
+    * ``lost_offsets``: data frames at these offsets are not sent in the first loop (lost on the way).
+    * ``parity``: ``{block: count}``: in the first loop, right after the block's last frame, `count` RaptorQ
+      parity frames of it (docs/PROTOCOL.md section 8) go out from a second socket, as a server's repairs do;
+      with ``corrupt_parity`` each has a byte flipped. ``parity_sent`` counts them.
     """
 
     data: bytes
@@ -105,6 +111,9 @@ class Sender:
     metadata: list[dict] | None = None
     metadata_after: tuple[float, list[dict]] | None = None
     batch: int = 1
+    lost_offsets: frozenset[int] = frozenset()
+    parity: dict[int, int] = field(default_factory=dict)
+    corrupt_parity: bool = False
 
     def __post_init__(self) -> None:
         self.manifest = manifest_of(self.data, name="test-image", frame_size=self.frame_size)
@@ -112,6 +121,8 @@ class Sender:
         if self.metadata is not None:
             self.carousel.metadata_datagrams = tuple(encode_metadata(self.cookie, fields) for fields in self.metadata)
         self.sock = multicast_sender_socket()
+        self.repair_sock = multicast_sender_socket()
+        self.parity_sent = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="test-sender", daemon=True)
         self.error: BaseException | None = None
@@ -136,6 +147,7 @@ class Sender:
         if self._thread.is_alive():
             self._thread.join(5)
         self.sock.close()
+        self.repair_sock.close()
 
     def inject(self, datagram: bytes) -> None:
         """Put any bytes on the group (from another socket, like a stranger would)."""
@@ -148,6 +160,22 @@ class Sender:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"sender stuck at {self.carousel.data_frames_sent} frames")
             time.sleep(0.001)
+
+    def _send_parity_after(self, end: int, destination: tuple[str, int], flush: Callable[[], None] | None) -> None:
+        """After the first loop's last frame of a block named in `parity`, that block's parity frames."""
+        layout = self.manifest.layout
+        block = (end - 1) // layout.block_size
+        if self.parity.get(block) and end == layout.block_span(block)[1]:
+            if flush is not None:
+                flush()
+            start = layout.block_span(block)[0]
+            encoder = ParityEncoder(self.data[start:end], frame_size=self.frame_size)
+            k = encoder.source_symbols
+            for esi, symbol in enumerate(encoder.symbols(k, self.parity[block]), start=k):
+                if self.corrupt_parity:
+                    symbol = bytes([symbol[0] ^ 0x55]) + symbol[1:]
+                send_batch(self.repair_sock, [encode_parity_header(self.cookie, block=block, esi=esi) + symbol], destination)
+                self.parity_sent += 1
 
     def _run(self) -> None:
         try:
@@ -189,9 +217,13 @@ class Sender:
             payload = view[action.offset : action.offset + action.length]
             if action.offset in self.corrupt_offsets and self.carousel.loops_completed == 0:
                 payload = bytes(b ^ 0xFF for b in payload[:8]) + bytes(payload[8:])
-            pending.append(action.header + bytes(payload))
-            if len(pending) == self.batch or action.length < self.frame_size:
+            first_loop = self.carousel.data_frames_sent <= self.manifest.layout.frame_count
+            if not (first_loop and action.offset in self.lost_offsets):
+                pending.append(action.header + bytes(payload))
+            if pending and (len(pending) == self.batch or action.length < self.frame_size):
                 send_pending()
+            if first_loop and self.parity:
+                self._send_parity_after(action.offset + action.length, destination, send_pending if pending else None)
             sent_bytes += action.length
             if self.rate is not None:
                 ahead = sent_bytes / self.rate - (time.monotonic() - started)

@@ -1,4 +1,5 @@
-"""`Sha1Cursor`: the whole-image SHA-1 from blocks verified in any order, with and without lent bytes."""
+"""`Sha1Cursor`: the whole-image SHA-1 from blocks verified in any order, with and without lent bytes; and the
+writeback it starts behind itself."""
 
 from __future__ import annotations
 
@@ -6,19 +7,33 @@ import hashlib
 import os
 import random
 import threading
+import time
 
 from vmcast.protocol import Layout
-from vmcast.receiver.hashing import Sha1Cursor
-from vmcast.receiver.target import open_target
+from vmcast.receiver.hashing import WRITEBACK_RUN, Sha1Cursor
+from vmcast.receiver.target import Target, open_target
 
 BLOCK = 64 * 1024
 
 
-def run_cursor(tmp_path, data: bytes, order: list[int], *, lend: bool, reset_first: bool = False) -> str:
+class RecordingTarget(Target):
+    """A real target (sharing an open one's descriptor) that also notes each writeback it is asked to start,
+    with the bytes the cursor had hashed by then."""
+
+    __slots__ = ("cursor", "writebacks")
+
+    def start_writeback(self, offset: int, length: int) -> None:
+        self.writebacks.append((offset, length, self.cursor.hashed_bytes))
+        super().start_writeback(offset, length)
+
+
+def run_cursor(tmp_path, data: bytes, order: list[int], *, lend: bool, reset_first: bool = False, writebacks: list | None = None) -> str:
     layout = Layout(length=len(data), frame_size=1024, block_size=BLOCK)
-    with open_target(tmp_path / "image.raw", length=len(data), force=True) as target:
-        target.pwrite(data, 0)
-        cursor = Sha1Cursor(target=target, layout=layout)
+    with open_target(tmp_path / "image.raw", length=len(data), force=True) as opened:
+        opened.pwrite(data, 0)
+        target = RecordingTarget(path=opened.path, kind=opened.kind, length=opened.length, capacity=opened.capacity, fd=opened.fd)
+        target.writebacks = writebacks if writebacks is not None else []
+        cursor = target.cursor = Sha1Cursor(target=target, layout=layout)
         thread = threading.Thread(target=cursor.run)
         thread.start()
         try:
@@ -59,3 +74,46 @@ def test_a_reset_starts_the_hash_again(tmp_path):
 
 def test_an_empty_image_hashes_at_once(tmp_path):
     assert run_cursor(tmp_path, b"", [], lend=False) == hashlib.sha1(b"").hexdigest()
+
+
+def test_writeback_is_started_in_order_for_hashed_bytes_only_in_runs_and_covers_the_image(tmp_path):
+    data = os.urandom(200 * BLOCK + 123)  # 201 blocks: several runs and a short last one
+    late_join = list(range(150, 201)) + list(range(150))  # blocks far ahead of the cursor come first
+    writebacks: list[tuple[int, int, int]] = []
+    assert run_cursor(tmp_path, data, late_join, lend=True, writebacks=writebacks) == hashlib.sha1(data).hexdigest()
+    position = 0
+    for offset, length, hashed_before in writebacks:
+        assert offset == position  # in order, each run starting where the last ended
+        assert offset + length <= hashed_before + BLOCK  # nothing past the block just hashed (still to be read)
+        assert length >= WRITEBACK_RUN or offset + length == len(data)
+        position = offset + length
+    assert position == len(data)
+
+
+def test_after_a_reset_writeback_starts_again_from_the_beginning(tmp_path):
+    per_run = WRITEBACK_RUN // BLOCK
+    first, blocks = per_run + per_run // 4, 2 * per_run + per_run // 2  # one run before the reset; 2.5 in all
+    data = os.urandom(blocks * BLOCK)
+    layout = Layout(length=len(data), frame_size=1024, block_size=BLOCK)
+    with open_target(tmp_path / "image.raw", length=len(data), force=True) as opened:
+        opened.pwrite(data, 0)
+        target = RecordingTarget(path=opened.path, kind=opened.kind, length=opened.length, capacity=opened.capacity, fd=opened.fd)
+        target.writebacks = []
+        cursor = target.cursor = Sha1Cursor(target=target, layout=layout)
+        thread = threading.Thread(target=cursor.run)
+        thread.start()
+        try:
+            for block in range(first):
+                cursor.verified(block, None)
+            deadline = time.monotonic() + 10
+            while cursor.hashed_bytes < first * BLOCK and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert [(offset, length) for offset, length, _ in target.writebacks] == [(0, WRITEBACK_RUN)]
+            cursor.reset()  # the image was forgotten: everything is written and hashed again
+            for block in range(blocks):
+                cursor.verified(block, None)
+            assert cursor.digest(stopped=lambda: False) == hashlib.sha1(data).hexdigest()
+        finally:
+            cursor.close()
+            thread.join()
+    assert [(offset, length) for offset, length, _ in target.writebacks[1:]] == [(0, WRITEBACK_RUN), (WRITEBACK_RUN, WRITEBACK_RUN), (2 * WRITEBACK_RUN, len(data) - 2 * WRITEBACK_RUN)]

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from vmcast.protocol import METADATA_OFFSET, RepairRequest, encode_repair_request
+from vmcast.protocol import METADATA_OFFSET, PARITY_FLAG, RepairRequest, encode_repair_request, parity_fields
 from vmcast.protocol.frames import HEADER
 from vmcast.protocol.repair import REPAIR_REQUEST_OFFSET
 from vmcast.server.app import create_app
@@ -149,6 +149,31 @@ def test_garbage_on_the_repair_port_is_counted_by_reason_and_never_stops_repairs
     send_to_repair_port(port, encode_repair_request(cookie, RepairRequest(ranges=((1503, 1),))))
     heard = listener.listen(0.5)
     assert [item.offset for item in heard if item.source_port != carousel_port] == [1503 * FRAME]
+
+
+def test_parity_asked_for_on_the_repair_port_is_multicast_from_the_repair_socket_and_bad_parity_entries_are_dropped(
+    slow_client: TestClient, images: Images, listen: Callable[..., MulticastListener]
+) -> None:
+    # docs/PROTOCOL.md section 8: the test image's 1,504 frames make blocks of 749, 749 and 6 frames.
+    started = start(slow_client, images.raw)
+    assert started["fec"] == "raptorq", "payload 1400 is a multiple of 8: the stream announces parity"
+    cookie = bytes.fromhex(started["cookie"])
+    listener = listen(started["group"], started["port"], started["cookie"])
+    [carousel_port] = {item.source_port for item in listener.listen(0.2)}
+    send_to_repair_port(
+        started["repair_port"],
+        HEADER.pack(cookie, REPAIR_REQUEST_OFFSET) + b'{"v":1,"frames":[],"parity":[[3,1]]}',  # no block 3
+        HEADER.pack(cookie, REPAIR_REQUEST_OFFSET) + b'{"v":1,"frames":[],"parity":[[1,0]]}',  # no symbol asked
+        encode_repair_request(cookie, RepairRequest(parity=((1, 8),))),
+    )
+    heard = listener.listen(0.6, keep_payload=True)
+    parity = [item for item in heard if item.offset & PARITY_FLAG and not item.is_metadata]
+    assert {item.source_port for item in parity} - {carousel_port} == {item.source_port for item in parity}
+    assert sorted(parity_fields(item.offset) for item in parity) == [(1, 749 + i) for i in range(8)]
+    assert all(len(item.payload) == FRAME for item in parity)
+    stream = slow_client.get(f"/v1/streams/{started['stream_id']}").json()
+    assert (stream["repair_requests"], stream["parity_frames_sent"], stream["repair_frames_sent"]) == (1, 8, 0)
+    assert stream["repair_drops"] == 2 and stream["fec"] == "raptorq"
 
 
 def test_requests_for_a_stopped_stream_are_dropped_as_unknown(slow_client: TestClient, images: Images) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from vmcast.protocol import (
+    PARITY_FLAG,
     Assembly,
     AssemblyState,
     BlockVerified,
@@ -22,7 +23,9 @@ from vmcast.protocol import (
     ImageVerified,
     MetadataReceived,
     RepairRequest,
+    decode_block,
     manifest_of,
+    parity_fields,
 )
 from vmcast.server.errors import ConfigurationError, ImageChanged
 from vmcast.server.files import FileIdentity
@@ -84,6 +87,7 @@ def start_sender(tmp_path: Path) -> Iterator[Callable[..., tuple[Sender, Multica
         rate: str,
         frame_size: int = 1400,
         gso: bool = True,
+        fec: bool = True,
         before_start: Callable[[Sender], None] | None = None,
     ) -> tuple[Sender, MulticastListener]:
         path = tmp_path / f"image-{len(senders)}"
@@ -97,7 +101,7 @@ def start_sender(tmp_path: Path) -> Iterator[Callable[..., tuple[Sender, Multica
             cookie=COOKIE,
             group=ipaddress.IPv4Address(GROUP),
             port=port,
-            config=SenderConfig(interface="127.0.0.1", ttl=1, rate_bps=parse_rate(rate), gso=gso),
+            config=SenderConfig(interface="127.0.0.1", ttl=1, rate_bps=parse_rate(rate), gso=gso, fec=fec),
         )
         senders.append(sender)
         if before_start is not None:
@@ -355,3 +359,83 @@ def test_stop_returns_promptly_from_an_unpaced_batching_sender(start_sender) -> 
     started = time.monotonic()
     assert sender.stop(timeout=1.0)
     assert time.monotonic() - started < 2 * STOP_CHECK_INTERVAL
+
+
+# -- parity (FEC, docs/PROTOCOL.md section 8) ----------------------------------------------------------------------
+
+
+def parity_heard(heard, carousel_port: int) -> dict[int, dict[int, bytes]]:
+    """block -> esi -> symbol of every parity frame heard (each must come from the repair socket)."""
+    symbols: dict[int, dict[int, bytes]] = {}
+    for item in heard:
+        if item.offset & PARITY_FLAG and not item.is_metadata and parity_fields(item.offset) is not None:
+            assert item.source_port != carousel_port, "a parity frame came from the carousel's socket"
+            block, esi = parity_fields(item.offset)
+            assert esi not in symbols.get(block, {}), f"ESI {esi} of block {block} sent twice"
+            symbols.setdefault(block, {})[esi] = item.payload
+    return symbols
+
+
+@pytest.mark.parametrize("gso", [True, False], ids=["gso", "no-gso"])
+def test_parity_leaves_from_the_repair_socket_full_size_and_rebuilds_a_block_missing_any_frames(
+    start_sender, gso: bool
+) -> None:
+    data = os.urandom(3_000_000)  # blocks of 749 frames: 749, 749 and 645 (the last frame 1,400 bytes short of full)
+    sender, listener = start_sender(data, rate="20mbit", gso=gso, before_start=record_sends())
+    carousel_port = next(item.source_port for item in listener.listen(0.05) if item.is_metadata)
+    layout = manifest_of(data).layout
+    last = layout.block_count - 1  # ~0.9 s of carousel away: the request is served long before
+    assert sender.submit_repair(RepairRequest(parity=((last, 30),)))
+    heard = listener.listen(0.5, keep_payload=True)
+    symbols = parity_heard(heard, carousel_port)
+    k = layout.frames_in_block(last)
+    assert list(symbols) == [last] and sorted(symbols[last]) == list(range(k, k + 30)), "fresh ESIs from K on"
+    assert {len(symbol) for symbol in symbols[last].values()} == {1400}, "a symbol is always a whole frame"
+    # Any 30 frames of the block missing, the short last one among them: the 30 symbols stand in for them.
+    start, end = layout.block_span(last)
+    missing = {0, 7, k - 1, *range(100, 127)}
+    held = [(i, data[start + i * 1400 : min(start + (i + 1) * 1400, end)]) for i in range(k) if i not in missing]
+    rebuilt = decode_block(block_length=end - start, frame_size=1400, held=held, parity=symbols[last].items())
+    assert rebuilt == data[start:end]
+    stats = sender.stats()
+    assert stats.fec and stats.parity_frames_sent == 30 and stats.repair_frames_sent == 0
+    assert stats.parity_jobs >= 1
+    assert stats.parity_cpu_seconds > 0
+    if gso:  # a batch of parity frames: equal segments, so one GSO send
+        assert max(frames for frames, batched in sender._repair_socket.calls if batched) > 1
+    else:
+        assert all(call == (1, False) for call in sender._repair_socket.calls)
+
+
+def test_requested_frames_and_parity_share_the_repair_batches_and_the_short_last_frame_still_ends_one(
+    start_sender,
+) -> None:
+    data = os.urandom(2_000_000)  # 1,429 frames, the last of 800 bytes; blocks of 749 and 680 frames
+    sender, listener = start_sender(data, rate="20mbit", before_start=record_sends())
+    carousel_port = next(item.source_port for item in listener.listen(0.05) if item.is_metadata)
+    last_frame = len(data) // 1400
+    request = RepairRequest(ranges=((last_frame - 5, 6),), parity=((1, 12),))
+    assert sender.submit_repair(request)
+    heard = listener.listen(0.4, keep_payload=True)
+    repairs = [item for item in heard if item.source_port != carousel_port]
+    frames = {item.offset: item.payload for item in repairs if not item.offset & PARITY_FLAG}
+    assert sorted(frames) == [frame * 1400 for frame in range(last_frame - 5, last_frame + 1)]
+    for offset, payload in frames.items():
+        assert payload == data[offset : offset + 1400], "every requested frame arrives whole, the short one too"
+    assert len(parity_heard(heard, carousel_port)[1]) == 12
+    stats = sender.stats()
+    assert (stats.repair_frames_sent, stats.parity_frames_sent) == (6, 12)
+    assert sum(frames for frames, _ in sender._repair_socket.calls) == 18
+
+
+def test_without_fec_no_parity_is_announced_and_parity_asked_for_anyway_is_never_sent(start_sender) -> None:
+    data = os.urandom(3_000_000)
+    sender, listener = start_sender(data, rate="20mbit", fec=False)
+    heard = listener.listen(0.05, keep_payload=True)
+    carousel_port = next(item.source_port for item in heard if item.is_metadata)
+    assert all(b'"fec"' not in item.payload for item in heard if item.is_metadata)
+    assert sender.block_count is None, "the repair listener then ignores parity entries"
+    assert sender.submit_repair(RepairRequest(parity=((2, 10),)))
+    assert not parity_heard(listener.listen(0.3), carousel_port)
+    stats = sender.stats()
+    assert not stats.fec and stats.parity_frames_sent == 0 and stats.parity_jobs == 0

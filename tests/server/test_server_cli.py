@@ -284,3 +284,26 @@ def test_serve_no_gso_sends_one_datagram_per_system_call_and_says_so(
             assert httpx.get(f"{server.url}/v1/streams/{started['stream_id']}").json()["gso"] is batched
         finally:
             server.stop()
+
+
+def test_serve_help_says_what_no_fec_trades() -> None:
+    status, output = run("serve", "--help")
+    assert status == 0
+    assert "--fec" in output and "--no-fec" in output
+    assert "parity" in output and "CPU" in output and "worst receiver" in output
+
+
+def test_serve_no_fec_announces_no_parity_and_default_serve_does(
+    server_process: Callable[..., ServerProcess], images: Images, tmp_path: Path
+) -> None:
+    for options, scheme in ((("--no-fec",), None), ((), "raptorq")):
+        server = server_process(*options, "--rate", "30mbit", cache_dir=tmp_path / f"cache-{scheme}").start()
+        try:
+            started = httpx.post(f"{server.url}/v1/streams", json={"image": images.raw}, timeout=30).json()
+            assert started["fec"] == scheme
+            with MulticastListener(started["group"], started["port"], started["cookie"]) as listener:
+                metadata = [json.loads(item.payload) for item in listener.listen(1.2) if item.is_metadata]
+            assert metadata and all(fields.get("fec") == scheme for fields in metadata)
+            assert httpx.get(f"{server.url}/v1/streams/{started['stream_id']}").json()["fec"] == scheme
+        finally:
+            server.stop()

@@ -1,0 +1,78 @@
+"""Parity for the sender (`vmcast.server.parity`): symbols made in worker processes, handed to the sender thread."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+from vmcast.protocol import ParityEncoder, manifest_of
+from vmcast.server.parity import SYMBOLS_AHEAD, ParitySource, ParityWorkers
+
+FRAME = 1400
+
+
+@pytest.fixture
+def workers() -> Iterator[ParityWorkers]:
+    made = ParityWorkers()
+    yield made
+    made.close()
+
+
+def source_of(data: bytes, workers: ParityWorkers) -> tuple[ParitySource, object]:
+    layout = manifest_of(data, frame_size=FRAME).layout
+    return ParitySource(view=memoryview(data), layout=layout, workers=workers, key=b"test"), layout
+
+
+def wait_for_jobs(source: ParitySource, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not source.poll():
+        assert time.monotonic() < deadline, "no parity job finished"
+        source.wait(0.1)
+
+
+def test_symbols_asked_for_are_made_in_one_job_and_equal_the_blocks_own_encoder(workers: ParityWorkers) -> None:
+    data = os.urandom(2_500_000)
+    source, layout = source_of(data, workers)
+    k = layout.frames_in_block(1)
+    source.prefetch(1, 30)
+    wait_for_jobs(source)
+    start, end = layout.block_span(1)
+    expected = ParityEncoder(data[start:end], frame_size=FRAME).symbols(k, 30 + SYMBOLS_AHEAD)
+    assert [source.symbol(1, esi) for esi in range(k, k + 30 + SYMBOLS_AHEAD)] == expected
+    assert source.jobs == 1 and source.cpu_seconds > 0
+    assert source.kept_bytes == 0, "a symbol is dropped once handed out"
+
+
+def test_a_symbol_not_made_yet_is_none_and_comes_once_its_job_finished(workers: ParityWorkers) -> None:
+    data = os.urandom(1_200_000)  # two blocks, the last of 108 frames ending in a short one
+    source, layout = source_of(data, workers)
+    k = layout.frames_in_block(1)
+    assert source.symbol(1, k, still_needed=3) is None  # no job yet: this queues one for 1 + 3 + SYMBOLS_AHEAD
+    assert source.symbol(1, k) is None, "asked again before the job finished: still none, and no second job"
+    wait_for_jobs(source)
+    symbols = [source.symbol(1, esi) for esi in range(k, k + 4)]
+    assert all(symbol is not None and len(symbol) == FRAME for symbol in symbols)
+    assert source.jobs == 1
+
+
+def test_a_worker_process_that_dies_is_started_again_and_the_symbols_still_come(workers: ParityWorkers) -> None:
+    data = os.urandom(1_100_000)
+    source, layout = source_of(data, workers)
+    source.prefetch(0, 5)
+    wait_for_jobs(source)  # the workers are up
+    for worker in [worker for worker in workers._workers if worker is not None]:  # this test's processes
+        os.kill(worker.process.pid, signal.SIGKILL)
+        worker.process.wait(10)
+    k = layout.frames_in_block(0)
+    deadline = time.monotonic() + 30
+    esi = k + 5 + SYMBOLS_AHEAD  # past what the first job made: a new job, on a dead process at first
+    while (symbol := source.symbol(0, esi)) is None:
+        assert time.monotonic() < deadline, "no symbol after the worker died"
+        source.poll()
+        source.wait(0.1)
+    start, end = layout.block_span(0)
+    assert symbol == ParityEncoder(data[start:end], frame_size=FRAME).symbols(esi, 1)[0]
+    assert workers.restarts >= 1
