@@ -132,7 +132,8 @@ class ParityUnused:
     reason: str
     """Why: ``"verified"`` (the block is verified), ``"complete"`` (every frame held), ``"duplicate"`` (this
     symbol is held already), ``"enough"`` (missing frames + `PARITY_SPARE` held), ``"memory"``
-    (`PARITY_MEMORY_LIMIT` reached). Stable values: they name metrics."""
+    (`PARITY_MEMORY_LIMIT` reached), ``"refused"`` (the block's last parity-decoded copy failed its checksum:
+    its data frames must complete it first). Stable values: they name metrics."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -263,6 +264,13 @@ class Assembly:
         self.parity_held = array("I")
         """Per block, parity symbols held that count toward decoding it: symbols kept less one per failed
         decode attempt (`RecoveryFailed`). Read by `RepairPlanner`; never write it."""
+        self.parity_refused = bitarray()
+        """Per block, set while the block takes no parity: its last parity-decoded copy failed its checksum, so
+        a symbol held may have been wrong (corrupted in flight with a valid UDP checksum). Each new decode
+        would use the symbols held, and with any rate of such corruption could fail forever; the block's data
+        frames complete it instead (the planner asks for them as frames). Cleared when the block verifies.
+        Read by `RepairPlanner`; never write it."""
+        self._recovered_unchecked: set[int] = set()  # recovered by parity, not yet judged by check_block
         self._parity: dict[int, dict[int, bytes]] = {}  # block -> esi -> symbol
         self._parity_failures: dict[int, int] = {}
         self._parity_bytes = 0
@@ -392,6 +400,8 @@ class Assembly:
         kept = len(symbols) if symbols else 0
         if self._verified[block]:
             return self._unused(block, esi, "verified")
+        if self.parity_refused[block]:
+            return self._unused(block, esi, "refused")
         if held == frames_in_block:
             return self._unused(block, esi, "complete")
         if symbols and esi in symbols:
@@ -485,6 +495,8 @@ class Assembly:
         self._verified.setall(0)
         self._checksums = [None] * layout.block_count
         self.parity_held = array("I", bytes(4 * layout.block_count))
+        self.parity_refused = bitarray(layout.block_count)
+        self.parity_refused.setall(0)
         self.state = AssemblyState.RECEIVING
         self._apply_checkpoint()
 
@@ -575,10 +587,16 @@ class Assembly:
             actual = xxhash.xxh3_64_intdigest(data)
             if actual != expected:
                 self.corrupt_blocks += 1
+                if block in self._recovered_unchecked:
+                    self._recovered_unchecked.discard(block)
+                    self.parity_refused[block] = 1
                 self._forget_block(block)
                 return BlockCorrupt(block=block, expected=expected, actual=actual)
         self._verified[block] = 1
         self._verified_count += 1
+        if self._fec:
+            self._recovered_unchecked.discard(block)
+            self.parity_refused[block] = 0
         if self._parity:
             self._drop_parity(block)
         if self._verified_count == layout.block_count:
@@ -630,6 +648,7 @@ class Assembly:
         received[first : first + frames_in_block] = 1
         self._block_frames[block] = frames_in_block
         self._drop_parity(block)
+        self._recovered_unchecked.add(block)
         self.blocks_recovered += 1
         return BlockRecovered(block=block, frames=tuple(frames), checksum_known=self._checksum_known(block))
 

@@ -176,7 +176,7 @@ class RepairPlanner:
     """
 
     def __init__(self, *, layout: Layout, received: bitarray, interval: float = REQUEST_INTERVAL, rerequest_after: float = REREQUEST_AFTER,
-                 parity_held: array | None = None, fec: bool = False) -> None:
+                 parity_held: array | None = None, fec: bool = False, parity_refused: bitarray | None = None) -> None:
         if fec and parity_held is None:
             raise ValueError("a parity planner needs the assembly's parity_held")
         self.layout = layout
@@ -185,6 +185,8 @@ class RepairPlanner:
         self.rerequest_after = rerequest_after
         self.fec = fec
         self.parity_held = parity_held
+        self.parity_refused = parity_refused
+        """The assembly's blocks that take no parity for now (`Assembly.parity_refused`): asked for as frames."""
         self.requests_sent = 0
         self.frames_requested = 0
         self.parity_requested = 0
@@ -282,8 +284,19 @@ class RepairPlanner:
                 wanted_in_block.setdefault(block, []).append((start, end))
                 start = end
         parity: list[tuple[int, int]] = []
+        ranges: list[tuple[int, int]] = []
         held, received, requested = self.parity_held, self.received, self._requested
+        refused = self.parity_refused
         for block, spans in wanted_in_block.items():
+            if refused is not None and refused[block]:
+                # Its last parity-decoded copy failed its checksum: its frames, not more symbols.
+                for start, end in spans:
+                    ranges.append((start, end - start))
+                    requested[start:end] = 1
+                    self._outstanding.append((start, end - start, now))
+                if len(parity) + len(ranges) >= MAX_RANGES_PER_POLL:
+                    break
+                continue
             count = sum(end - start for start, end in spans)
             if held[block]:
                 # Parity held first answers the frames of this block already asked for (still missing).
@@ -296,12 +309,13 @@ class RepairPlanner:
             for start, end in spans:
                 requested[start:end] = 1
                 self._outstanding.append((start, end - start, now))
-            if len(parity) == MAX_RANGES_PER_POLL:
+            if len(parity) + len(ranges) >= MAX_RANGES_PER_POLL:
                 break
-        if not parity:
+        if not parity and not ranges:
             return None
         self.requests_sent += 1
-        request = RepairRequest(parity=tuple(parity))
+        request = RepairRequest(ranges=tuple(ranges), parity=tuple(parity))
+        self.frames_requested += request.frame_count
         self.parity_requested += request.parity_count
         return request
 

@@ -523,7 +523,8 @@ class Pump:
         repairs = self.repairs
         if repairs is not None and repairs.planner is None and self.assembly.layout is not None:
             assembly = self.assembly
-            repairs.start(layout=assembly.layout, held=assembly.held_frames, parity_held=assembly.parity_held, fec=assembly.fec)
+            repairs.start(layout=assembly.layout, held=assembly.held_frames, parity_held=assembly.parity_held, fec=assembly.fec,
+                          parity_refused=assembly.parity_refused)
         return repairs
 
     def _first_metadata(self, metadata: StreamMetadata) -> None:

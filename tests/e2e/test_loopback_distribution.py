@@ -66,7 +66,7 @@ def test_receivers_that_lose_frames_are_repaired_by_parity_and_all_hold_verified
     images = tmp_path / "images"
     images.mkdir()
     expected = write_random_image(images / "disk.raw", 32)
-    with running_server(images, tmp_path, "--rate", "150mbit") as url:  # ~1.9 s a loop
+    with running_server(images, tmp_path, "--rate", "150mbit", "--fec") as url:  # ~1.9 s a loop
         outputs = [tmp_path / f"out-{i}.raw" for i in range(2)]
         logs = [tmp_path / f"r{i}.log" for i in range(2)]
         lossy = ("--rcvbuf", "64k", "--no-fallback")

@@ -59,23 +59,25 @@ def _assert_all_verified(
 
 
 @pytest.mark.parametrize(
-    ("loss_percent", "timeout"),
-    [(0.0, 60.0), (2.0, 90.0), (10.0, 180.0)],
-    ids=["no-loss", "2pct-loss", "10pct-loss"],
+    ("loss_percent", "timeout", "fec"),
+    [(0.0, 60.0, False), (2.0, 90.0, True), (10.0, 180.0, False)],
+    ids=["no-loss", "2pct-loss-parity", "10pct-loss-frames"],
 )
 def test_every_receiver_ends_with_a_verified_identical_copy_under_udp_loss(
-    image: Image, tmp_path, loss_percent: float, timeout: float
+    image: Image, tmp_path, loss_percent: float, timeout: float, fec: bool
 ) -> None:
     with netbed(tmp_path, receiver_loss=[loss_percent] * 3) as bed:
-        bed.serve(image.directory)
+        bed.serve(image.directory, *(["--fec"] if fec else []))
         receivers = [bed.receiver(index, image.name).start() for index in range(3)]
         [stream] = wait_until(bed.streams, timeout=30, what="the stream to start")
         outcomes = [receiver.wait(timeout=timeout) for receiver in receivers]
         stream = bed.stream(stream["stream_id"])  # stopped or stopping by now: its counters stay
     _assert_all_verified(receivers, outcomes, image)
-    # The server announces FEC (its default): lost frames come back as parity, which each receiver decodes.
-    assert stream["fec"] == "raptorq", stream
-    if loss_percent:
+    # With --fec lost frames come back as parity, which each receiver decodes; without, as the frames.
+    assert stream["fec"] == ("raptorq" if fec else None), stream
+    if loss_percent and not fec:
+        assert stream["repair_frames_sent"] > 0 and stream["parity_frames_sent"] == 0, stream
+    if loss_percent and fec:
         assert stream["parity_frames_sent"] > 0, stream
         for outcome in outcomes:
             assert outcome.summary["recovered_blocks"] > 0, outcome.describe()
@@ -271,7 +273,7 @@ def test_parity_corrupted_in_flight_decodes_to_wrong_blocks_that_are_caught_and_
         # As in the corruption case above: the server on the sender's loopback, the relay onto the bed; the
         # receivers there join the relay's group without a server, so they ask for nothing: a stand-in asks
         # the server for parity of every block, over and over, and the relay corrupts some of it.
-        bed.serve(image.directory, "--lease-ttl", "600", interface="127.0.0.1")
+        bed.serve(image.directory, "--lease-ttl", "600", "--fec", interface="127.0.0.1")
         lease = bed.start_stream(image.name)
         assert lease["fec"] == "raptorq", lease
         relay_argv = [
@@ -286,9 +288,8 @@ def test_parity_corrupted_in_flight_decodes_to_wrong_blocks_that_are_caught_and_
             sys.executable, str(PARITY_ASKER_SCRIPT), "--server", bed.sender.address, "--repair-port",
             str(lease["repair_port"]), "--cookie", lease["cookie"], "--blocks", str(blocks), "--count", "48",
             # Once the carousel passed every block (the receivers then miss 2-5 % of each), twice: blocks whose
-            # decode was wrong and that were forgotten get parity again. Then no more, so that blocks caught
-            # wrong are completed by the carousel's data (asked for without end, corrupted parity would keep
-            # decoding them wrong: a known limit, docs/PROTOCOL.md section 8).
+            # decode was wrong and that were forgotten get parity again, which the receivers refuse for those
+            # blocks (docs/PROTOCOL.md section 8, "Suspect parity"); the carousel's data completes them.
             "--delay", str(1.5 * loop_seconds(image.length)), "--rounds", "2", "--every", "1.5",
         ]  # fmt: skip
         asker = bed.start_on_sender(asker_argv, stdout=subprocess.PIPE, text=True)

@@ -402,6 +402,33 @@ def test_wrong_parity_bytes_make_a_recovered_block_fail_its_checksum_and_it_is_n
     assert receiver.complete and bytes(receiver.disk) == image
 
 
+def test_after_a_parity_decoded_copy_fails_its_checksum_the_block_takes_no_parity_until_its_data_completes_it():
+    # A symbol corrupted in flight (with a valid UDP checksum) would otherwise be used again by every new
+    # decode of the block: with any rate of such corruption the block could fail forever.
+    from vmcast.protocol import BlockRecovered, BlockVerified, ParityReceived, ParityUnused
+
+    image = image_of(16_000)
+    _, metadata, data, parity = parity_stream(image)
+    receiver = MemoryReceiver(cookie=COOKIE)
+    for datagram in metadata + data[1:8]:
+        receiver.feed(datagram)
+    receiver.assembly.receive_datagram(parity(0, 8, symbol=bytes(FRAME)))
+    recovered = receiver.assembly.recover_block(0, receiver.disk[:8000])
+    assert isinstance(recovered, BlockRecovered)
+    for offset, payload in recovered.frames:
+        receiver.disk[offset : offset + len(payload)] = payload
+    assert isinstance(receiver.assembly.check_block(0, receiver.disk[:8000]), BlockCorrupt)
+    assert receiver.assembly.parity_refused[0]
+    refused = receiver.assembly.receive_datagram(parity(0, 9))
+    assert isinstance(refused, ParityUnused) and refused.reason == "refused"
+    assert receiver.assembly.parity_held[0] == 0
+    for datagram in data[:8]:
+        receiver.feed(datagram)
+    assert receiver.assembly.is_verified(0) and not receiver.assembly.parity_refused[0]
+    # Other blocks take parity as before.
+    assert isinstance(receiver.assembly.receive_datagram(parity(1, 8)), (ParityReceived, ParityUnused))
+
+
 def test_a_data_frame_that_makes_a_block_decodable_with_parity_held_says_so():
     image = image_of(16_000)
     _, metadata, data, parity = parity_stream(image)

@@ -344,3 +344,22 @@ def test_with_parity_lossy_receivers_complete_with_fewer_repair_frames_than_with
             assert sum(len(node.recovered_blocks) for node in nodes) > 0
             assert all(node.corrupt_blocks_seen == [] for node in nodes)
     assert sent[True] < sent[False] / 2
+
+
+def test_a_parity_planner_asks_frames_not_symbols_for_a_block_that_refuses_parity():
+    from array import array
+
+    layout = manifest_of(bytes(100_000), frame_size=1000, block_size=10_000).layout  # 10 blocks of 10 frames
+    received = _bits(layout.frame_count)
+    parity_held = array("I", bytes(4 * layout.block_count))
+    refused = _bits(layout.block_count)
+    refused[1] = 1  # the assembly's: block 1's last parity-decoded copy failed its checksum
+    planner = RepairPlanner(layout=layout, received=received, parity_held=parity_held, fec=True, parity_refused=refused)
+    for frame in range(0, 100):  # joined at frame 0, position 99
+        if frame not in (2, 10, 11):
+            received[frame] = 1
+        planner.observe_carousel(frame)
+    planner.poll(0.0, jitter=0.0)
+    request = planner.poll(1.0, jitter=0.0)
+    assert request.parity == ((0, 1),)
+    assert request.ranges == ((10, 2),)

@@ -32,6 +32,12 @@ def slow_client(settings_for: Callable[..., Settings]) -> Iterator[TestClient]:
         yield client
 
 
+@pytest.fixture
+def slow_parity_client(settings_for: Callable[..., Settings]) -> Iterator[TestClient]:
+    with TestClient(create_app(settings_for(rate=SLOW_RATE, fec=True))) as client:
+        yield client
+
+
 def start(client: TestClient, image: str) -> dict:
     response = client.post("/v1/streams", json={"image": image})
     assert response.status_code == 201, response.text
@@ -152,8 +158,9 @@ def test_garbage_on_the_repair_port_is_counted_by_reason_and_never_stops_repairs
 
 
 def test_parity_asked_for_on_the_repair_port_is_multicast_from_the_repair_socket_and_bad_parity_entries_are_dropped(
-    slow_client: TestClient, images: Images, listen: Callable[..., MulticastListener]
+    slow_parity_client: TestClient, images: Images, listen: Callable[..., MulticastListener]
 ) -> None:
+    slow_client = slow_parity_client
     # docs/PROTOCOL.md section 8: the test image's 1,504 frames make blocks of 749, 749 and 6 frames.
     started = start(slow_client, images.raw)
     assert started["fec"] == "raptorq", "payload 1400 is a multiple of 8: the stream announces parity"

@@ -293,10 +293,10 @@ def test_serve_help_says_what_no_fec_trades() -> None:
     assert "parity" in output and "CPU" in output and "worst receiver" in output
 
 
-def test_serve_no_fec_announces_no_parity_and_default_serve_does(
+def test_serve_announces_parity_only_with_fec(
     server_process: Callable[..., ServerProcess], images: Images, tmp_path: Path
 ) -> None:
-    for options, scheme in ((("--no-fec",), None), ((), "raptorq")):
+    for options, scheme in ((("--fec",), "raptorq"), ((), None)):
         server = server_process(*options, "--rate", "30mbit", cache_dir=tmp_path / f"cache-{scheme}").start()
         try:
             started = httpx.post(f"{server.url}/v1/streams", json={"image": images.raw}, timeout=30).json()
