@@ -612,25 +612,20 @@ class Sender:
                     parity_frames += 1
                     if len(repair_buffers) == buffers_limit:
                         break
-                action = carousel.next_send(now)
-                kind = type(action)
-                if kind is not SendData and kind is not SendParity:
-                    following = action
-                    break
-                continue
-            offset, length = action.offset, action.length
-            if action.repair:
-                repair_buffers += (action.header, view[offset : offset + length])
-                repair_size += HEADER_SIZE + length
-                if len(repair_buffers) == buffers_limit:
-                    break
             else:
-                carousel_buffers += (action.header, view[offset : offset + length])
-                carousel_size += HEADER_SIZE + length
-                if len(carousel_buffers) == buffers_limit:
+                offset, length = action.offset, action.length
+                if action.repair:
+                    repair_buffers += (action.header, view[offset : offset + length])
+                    repair_size += HEADER_SIZE + length
+                    if len(repair_buffers) == buffers_limit:
+                        break
+                else:
+                    carousel_buffers += (action.header, view[offset : offset + length])
+                    carousel_size += HEADER_SIZE + length
+                    if len(carousel_buffers) == buffers_limit:
+                        break
+                if length != full_length:
                     break
-            if length != full_length:
-                break
             action = carousel.next_send(now)
             kind = type(action)
             if kind is not SendData and kind is not SendParity:

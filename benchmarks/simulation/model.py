@@ -569,6 +569,13 @@ class _Run:
         now, d = 0.0, 0
         metadata_datagrams = requests_sent = requests_lost = useless = 0
 
+        def retire(finished: list[int], active: list) -> list:
+            """Receivers that completed stop listening: what is left of `active`."""
+            for r in finished:
+                loss.leave(r)
+            gone = set(finished)
+            return [entry for entry in active if entry[0] not in gone]
+
         def complete_block(r: int, block: int, at: float) -> bool:
             assembly = assemblies[r]
             verdict = assembly.check_block(block, image.block_bytes[block])
@@ -675,10 +682,7 @@ class _Run:
                             finished.append(r)
                 if finished:
                     remaining -= len(finished)
-                    for r in finished:
-                        loss.leave(r)
-                    gone = set(finished)
-                    active = [entry for entry in active if entry[0] not in gone]
+                    active = retire(finished, active)
             elif type(action) is SendParity:
                 since_repair = 0
                 datagram = image.parity_datagram(action.block, action.esi)
@@ -704,10 +708,7 @@ class _Run:
                     useless += 1
                 if finished:
                     remaining -= len(finished)
-                    for r in finished:
-                        loss.leave(r)
-                    gone = set(finished)
-                    active = [entry for entry in active if entry[0] not in gone]
+                    active = retire(finished, active)
             elif type(action) is SendMetadata:
                 for index, datagram in enumerate(action.datagrams):
                     now += seconds_per_metadata[index]
@@ -726,10 +727,7 @@ class _Run:
                                 finished.append(r)
                     if finished:
                         remaining -= len(finished)
-                        for r in finished:
-                            loss.leave(r)
-                        gone = set(finished)
-                        active = [entry for entry in active if entry[0] not in gone]
+                        active = retire(finished, active)
                     promoted = []
                     for r in waiting:
                         if r in lost:
