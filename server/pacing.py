@@ -1,40 +1,44 @@
 """Pacing: a token bucket that keeps a sender at its rate. Reads no clock: the caller passes `now`.
 
 Cost is counted in bytes on the wire as IP sees them (datagram plus 28 bytes of IPv4 and UDP headers), so
-``--rate 1gbit`` means what a switch port sees, not what the application handed over.
+``--rate 1gbit`` means IP packets at 1 Gbit/s (Ethernet adds its own 14-38 bytes per frame below that).
 
-Why these numbers: the bucket holds `BURST_SECONDS` of rate, so in any window of T seconds at most
-``rate * (T + BURST_SECONDS)`` is sent: 4 % over the rate in a 100 ms window, and a receiver's socket buffer
-only ever absorbs 4 ms of burst. When the bucket runs dry the sender waits until it is half full again, so it
-wakes about every 2 ms whatever the rate (never a busy loop) and an oversleep of up to 2 ms
-(`OVERSLEEP_ALLOWANCE`) costs nothing. At low rates the bucket holds one datagram plus that allowance; below
-about 1.5 Mbit/s a single 1444-byte datagram is more than 10 % of a 100 ms window, and there the rule is
-simply one datagram per ``cost / rate`` seconds on average.
+Why these numbers: when the bucket runs dry the sender waits until `BURST_SECONDS` / 2 of rate has come back,
+so it wakes about every 2 ms whatever the rate (never a busy loop) and sends that much at once. A thread on a
+busy machine wakes late, though: on two cores shared with four receivers the sender reached only 95 % of its
+rate with a 4 ms bucket, the tokens of every late wake-up thrown away. So the bucket also keeps up to
+`CATCH_UP_SECONDS` of rate that a late wake-up missed, and sends it at once (measured: 100.0 % of the rate
+with the same load). The price is burst: in any window of T seconds at most
+``rate * (T + BURST_SECONDS + CATCH_UP_SECONDS)`` is sent, so a receiver's socket buffer or a switch port may
+have to absorb 12 ms of rate (1.5 MB at 1 Gbit/s; receivers ask for far larger socket buffers), and it only
+does when the sender was late. At low rates the bucket holds one datagram plus the catch-up; below about
+1.5 Mbit/s a single 1444-byte datagram is more than 10 % of a 100 ms window, and there the rule is simply one
+datagram per ``cost / rate`` seconds on average.
 """
 
 from __future__ import annotations
 
 BURST_SECONDS = 0.004
-OVERSLEEP_ALLOWANCE = BURST_SECONDS / 2
+CATCH_UP_SECONDS = 0.008
 # A millionth of a byte: waiting exactly the time `take` asked for must be enough, whatever floating-point
 # rounding did to the refill.
 _ROUNDING = 1e-6
 
 
 class TokenBucket:
-    """Admits datagrams at `rate_bps` bits per second with a burst of `BURST_SECONDS` (or one datagram)."""
+    """Admits datagrams at `rate_bps` bits per second in batches of `BURST_SECONDS` / 2 (or one datagram), and
+    makes up to `CATCH_UP_SECONDS` of a late caller's missed time."""
 
     def __init__(self, *, rate_bps: int, largest_cost: int, now: float) -> None:
         """`largest_cost`: the largest datagram cost that will be asked for (bytes, IP headers included)."""
         if rate_bps <= 0:
             raise ValueError("a token bucket needs a positive rate (0, unpaced, needs no bucket)")
         self.rate = rate_bps / 8  # bytes per second
-        # Room for one whole datagram plus OVERSLEEP_ALLOWANCE of refill, so that at low rates too an
-        # oversleep does not throw away tokens.
-        self.capacity = max(self.rate * BURST_SECONDS, largest_cost + self.rate * OVERSLEEP_ALLOWANCE)
-        self.tokens = self.capacity
-        self.wake_bytes = self.capacity / 2
+        self.wake_bytes = max(self.rate * BURST_SECONDS / 2, largest_cost)
         """What a dry bucket waits for before it admits again: a batch of datagrams should not need more."""
+        # A dry bucket refills for wake_bytes, the caller wakes late by up to CATCH_UP_SECONDS: keep it all.
+        self.capacity = self.wake_bytes + self.rate * (BURST_SECONDS / 2 + CATCH_UP_SECONDS)
+        self.tokens = self.wake_bytes  # a start is not a late wake-up: no catch-up burst
         self.updated = now
 
     def take(self, cost: int, now: float) -> float:
@@ -46,4 +50,4 @@ class TokenBucket:
             self.tokens = tokens - cost
             return 0.0
         self.tokens = tokens
-        return (max(cost, self.capacity / 2) - tokens) / self.rate
+        return (max(cost, self.wake_bytes) - tokens) / self.rate

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from vmcast.server.pacing import BURST_SECONDS, TokenBucket
+from vmcast.server.pacing import BURST_SECONDS, CATCH_UP_SECONDS, TokenBucket
 
 DATAGRAM = 1400 + 16 + 28
 
@@ -49,7 +49,18 @@ def test_no_100ms_window_carries_more_than_the_rate_plus_the_burst(rate_bps: int
 def test_the_long_run_rate_is_the_configured_rate_even_when_sleeps_overshoot_by_a_millisecond(rate_bps: int) -> None:
     sent = simulate(rate_bps, 2.0, oversleep=0.001)
     achieved = sum(size for _, size in sent) * 8 / 2.0
-    assert rate_bps * 0.97 <= achieved <= rate_bps * 1.01
+    assert rate_bps * 0.99 <= achieved <= rate_bps * 1.01
+
+
+@pytest.mark.parametrize("rate_bps", [50_000_000, 300_000_000, 1_000_000_000])
+def test_a_sender_that_wakes_late_makes_up_the_time_within_the_catch_up_burst(rate_bps: int) -> None:
+    # A thread on cores shared with receivers wakes up to several milliseconds late: with only the 4 ms
+    # bucket it reached 95 % of 297 Mbit/s on the test bed. Oversleeping by up to 8 ms must cost nothing...
+    sent = simulate(rate_bps, 2.0, oversleep=CATCH_UP_SECONDS)
+    achieved = sum(size for _, size in sent) * 8 / 2.0
+    assert rate_bps * 0.99 <= achieved <= rate_bps * 1.01
+    # ...and the burst it makes up for stays within the documented bound.
+    assert busiest_window(sent, 0.1) <= rate_bps / 8 * (0.1 + BURST_SECONDS + CATCH_UP_SECONDS) + DATAGRAM
 
 
 def test_a_dry_bucket_asks_for_a_wait_of_about_half_its_burst_not_one_datagram() -> None:
