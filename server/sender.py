@@ -97,7 +97,7 @@ UDP_SEGMENT = 103
 # 1,416-byte datagram on loopback was 8.5 us one per send, 7.0 in batches of 2, 3.6-4.3 of 8, 3.1-3.8 of 16,
 # 2.7-3.1 of 32 to 45; per 8,208-byte datagram 9.1 us alone, 4.5 in batches of 7. Larger bursts cost
 # nothing: 65 KB is 0.5 ms at 1 Gbit/s, far under the burst the pacer allows anyway, and when paced
-# a batch is also held to half the token bucket (`batch_limit`).
+# a batch is also held to what the bucket refills per wake-up (`batch_limit`).
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65_000
 # Send errors that mean "this kernel, interface or route does not do UDP GSO": fall back to one datagram per
