@@ -110,6 +110,10 @@ class FromServer:
     """Image name on the server."""
     format: str = "raw"
     """Format to stream the image in."""
+    min_receivers: int = 1
+    """If this receiver's lease starts the stream: it holds (metadata only) until this many receivers joined."""
+    max_wait: float | None = None
+    """With `min_receivers` > 1: the longest hold, in seconds (None: the server's default)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -393,6 +397,8 @@ async def _start(run: _Run, nursery: trio.Nursery, resources: AsyncExitStack, ou
     run.pump = pump
     lease = source.lease
     fallback = lease is not None and request.fallback_after is not None
+    if lease is not None and lease.waiting_for:
+        nursery.start_soon(_say_joined, LeaseClient(server=request.source.server, client=source.client), lease)
     nursery.start_soon(_stop_pump_when_cancelled, pump)
     nursery.start_soon(_watchdog, pump, outcome, request.timeout, group_socket, fallback)
     nursery.start_soon(_keep_state, run)
@@ -414,7 +420,7 @@ async def _from_lease(run: _Run, source: FromServer, nursery: trio.Nursery, reso
     request = run.request
     client = await resources.enter_async_context(httpx.AsyncClient())
     leases = LeaseClient(server=source.server, client=client)
-    lease: Lease = await nursery.start(_hold_lease, leases, source.image, source.format, outcome, nursery.cancel_scope)
+    lease: Lease = await nursery.start(_hold_lease, leases, source, outcome, nursery.cancel_scope)
     log.info("lease %s: image %s (%d bytes) on %s:%d", lease.lease_id, lease.image, lease.length, lease.group, lease.port)
     state = await trio.to_thread.run_sync(read_state, request.output)
     plan = plan_for_lease(
@@ -649,8 +655,9 @@ async def _watchdog(pump: Pump, outcome: _Outcome, timeout: float, group_socket:
             return
 
 
-async def _hold_lease(leases: LeaseClient, image: str, format: str, outcome: _Outcome, cancel_scope: trio.CancelScope, *, task_status: trio.TaskStatus[Lease]) -> None:
-    lease = await leases.acquire(image=image, format=format)
+async def _hold_lease(leases: LeaseClient, source: FromServer, outcome: _Outcome, cancel_scope: trio.CancelScope, *, task_status: trio.TaskStatus[Lease]) -> None:
+    image, format = source.image, source.format
+    lease = await leases.acquire(image=image, format=format, min_receivers=source.min_receivers, max_wait=source.max_wait)
     try:
         task_status.started(lease)
         if lease.lease_ttl is None:
@@ -681,6 +688,17 @@ async def _hold_lease(leases: LeaseClient, image: str, format: str, outcome: _Ou
                 log.info("released lease %s", lease.lease_id)
         if scope.cancelled_caught:
             log.warning("could not release lease %s within %g s", lease.lease_id, RELEASE_TIMEOUT)
+
+
+async def _say_joined(leases: LeaseClient, lease: Lease) -> None:
+    """Tell a stream that holds for receivers that this one listens now (the group is joined). If the server
+    cannot be told, the stream starts at its hold's end all the same: a warning, not a failure."""
+    try:
+        waiting_for = await leases.joined(lease.lease_id)
+    except ReceiveError as error:
+        log.warning("could not tell the server this receiver joined (the stream starts at its hold's end anyway): %s", error)
+        return
+    log.info("joined a stream that holds for receivers: %s", f"{waiting_for} more to come" if waiting_for else "it starts now")
 
 
 async def _watch_signals(outcome: _Outcome, cancel_scope: trio.CancelScope, *, task_status: trio.TaskStatus[None]) -> None:

@@ -1,7 +1,9 @@
 """The vmcast server's stream API, as a receiver uses it: take a lease on an image's stream, keep it, release it.
 
-``POST /v1/streams {"image", "format"}`` -> 201 with the stream to join (`Lease`); 404 unknown image, 422
-unknown format, each with ``{"detail": ...}``. A lease with a ``lease_ttl`` ends unless renewed within it:
+``POST /v1/streams {"image", "format"[, "min_receivers", "max_wait"]}`` -> 201 with the stream to join
+(`Lease`); 404 unknown image, 422 unknown format, each with ``{"detail": ...}``. When the answer's
+``waiting_for`` is above 0 the stream holds (metadata only) for receivers: ``POST /v1/leases/{lease_id}/joined``
+once listening to the group. A lease with a ``lease_ttl`` ends unless renewed within it:
 ``POST /v1/leases/{lease_id}/renew`` (404: it has ended already). ``DELETE /v1/leases/{lease_id}`` releases
 (idempotent: a lease already gone is released).
 
@@ -55,6 +57,8 @@ class Lease(BaseModel):
     """UDP port, on the server's host, that takes repair requests (docs/PROTOCOL.md section 7); None: none."""
     carousel_port: Annotated[int | None, Field(ge=1, le=65535)] = None
     """Source port of the carousel's datagrams; None: learned from the first metadata frame instead."""
+    waiting_for: Annotated[int, Field(ge=0)] = 0
+    """Receivers the stream still holds for before its first loop: say `LeaseClient.joined` once listening."""
     fec: Annotated[str | None, Field(max_length=32)] = None
     """The parity scheme the stream's metadata announces (``"raptorq"``, docs/PROTOCOL.md section 8), if any."""
     image: str
@@ -93,9 +97,13 @@ class LeaseClient:
         self.server = server.rstrip("/")
         self._client = client
 
-    async def acquire(self, *, image: str, format: str) -> Lease:
+    async def acquire(self, *, image: str, format: str, min_receivers: int = 1, max_wait: float | None = None) -> Lease:
+        """A lease on the stream of `image`; a stream this starts holds for `min_receivers` (see the module)."""
         url = f"{self.server}/v1/streams"
-        response = await self._request("POST", url, json={"image": image, "format": format})
+        body: dict[str, object] = {"image": image, "format": format}
+        if min_receivers > 1:
+            body |= {"min_receivers": min_receivers} | ({"max_wait": max_wait} if max_wait is not None else {})
+        response = await self._request("POST", url, json=body)
         if response.status_code == 404:
             raise ServerError(url=url, status=404, reason=f"no image {image!r} ({response_detail(response)})")
         if response.status_code == 422:
@@ -116,6 +124,17 @@ class LeaseClient:
         if response.status_code != 200:
             raise ServerError(url=url, status=response.status_code, reason=response_detail(response))
         return True
+
+    async def joined(self, lease_id: str) -> int:
+        """Say that this lease's holder listens to the group; the receivers the stream still holds for."""
+        url = f"{self.server}/v1/leases/{lease_id}/joined"
+        response = await self._request("POST", url)
+        if response.status_code != 200:
+            raise ServerError(url=url, status=response.status_code, reason=response_detail(response))
+        try:
+            return int(response.json()["waiting_for"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise ServerError(url=url, status=200, reason="the answer has no waiting_for") from error
 
     async def release(self, lease_id: str) -> None:
         url = f"{self.server}/v1/leases/{lease_id}"

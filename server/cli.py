@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
-from .defaults import DEFAULT_SERVER, MAX_PAYLOAD, START_TIMEOUT
+from .defaults import DEFAULT_MAX_WAIT, DEFAULT_SERVER, MAX_PAYLOAD, START_TIMEOUT
 from .errors import ClientError, ServerError
 from .rates import format_rate
 
@@ -315,15 +315,26 @@ def stream_start(
         float,
         typer.Option(help="Seconds to wait for the server; the first start of a large image in another format converts it first."),
     ] = START_TIMEOUT,
+    min_receivers: Annotated[
+        int,
+        typer.Option(min=1, help="If this starts the stream: send only metadata until this many receivers have joined its group (vmcast receive says so), then start at the image's first frame. Your own lease does not count."),
+    ] = 1,
+    max_wait: Annotated[
+        float, typer.Option(min=0.001, help="With --min-receivers: start anyway after this many seconds.")
+    ] = DEFAULT_MAX_WAIT,
 ) -> None:
     """Start the stream of an image, or join it if it runs, and print its lease, group, port and cookie.
 
     Starting an image that already streams in that format shares the stream; each start returns its own lease,
     and the stream stops when every lease is released ([bold]vmcast stream stop[/]).
 
+    With [bold]--min-receivers N[/] a new stream holds until N receivers are listening (like udp-sender's
+    --min-receivers), so that receivers started together need one loop of the image between them.
+
     [bold]Example:[/]
 
         vmcast stream start debian-12.qcow2 --format raw --server http://10.0.0.5:8470
+        vmcast stream start debian-12.qcow2 --min-receivers 40 --max-wait 120
     """
     from rich.table import Table
 
@@ -331,7 +342,7 @@ def stream_start(
 
     try:
         with ServerClient(server, start_timeout=timeout) as client:
-            started = client.start_stream(image, format)
+            started = client.start_stream(image, format, min_receivers=min_receivers, max_wait=max_wait)
     except ClientError as error:
         _fail(str(error))
     if json_output:
@@ -348,6 +359,7 @@ def stream_start(
         ("size", f"{started.length:,} bytes"),
         ("sha1", started.sha1),
         ("frame size", f"{started.frame_size} bytes"),
+        *([("holding for", f"{started.waiting_for} more receiver(s)")] if started.waiting_for else []),
     ):
         table.add_row(name, escape(value))
     _out().print(table)

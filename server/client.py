@@ -49,8 +49,9 @@ class ServerClient:
     def close(self) -> None:
         self._http.close()
 
-    def start_stream(self, image: str, format: str = "raw") -> StreamStarted:
-        body = StreamRequest(image=image, format=format).model_dump()
+    def start_stream(self, image: str, format: str = "raw", *, min_receivers: int = 1, max_wait: float | None = None) -> StreamStarted:
+        hold = {"min_receivers": min_receivers} | ({"max_wait": max_wait} if max_wait is not None else {})
+        body = StreamRequest(image=image, format=format, **hold).model_dump()
         return self._call("POST", "/v1/streams", StreamStarted, json=body, timeout=self._start_timeout)
 
     def release(self, lease_id: str) -> LeaseReleased:

@@ -21,3 +21,6 @@ START_TIMEOUT = 3600.0
 
 MAX_PAYLOAD = MAX_DATAGRAM - HEADER_SIZE
 """The largest --payload: what the largest UDP/IPv4 datagram holds after the frame header."""
+
+DEFAULT_MAX_WAIT = 30.0
+"""How long a stream started with min_receivers > 1 holds for them at most, unless the start says otherwise."""

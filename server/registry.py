@@ -12,6 +12,9 @@ Rules::
                             released/expired  -> nothing (said so); a lease never decrements twice
                             unknown lease     -> nothing (said so)
     reap()                  every lease not renewed within the TTL ends as if released
+    joined(lease)           active lease      -> counted among the stream's receivers in the group; a stream
+                                                 started with min_receivers = N holds (metadata only) until
+                                                 N active leases have said so, or max_wait has passed
 
 * A stream is identified by (image name, format, SHA-1): if the image file is replaced while a stream of it
   runs, the next start gets a new stream of the new content and the old one runs on for its leases.
@@ -25,6 +28,8 @@ Rules::
   name, format, SHA-1 and frame size, or the stream is dropped with a log line); their leases get a fresh
   TTL from the restart, so receivers that keep renewing never notice. A graceful stop (`close`) keeps the
   records: stopping the server is a restart that has not happened yet.
+* Holding for receivers is for a stream's start only: joining a running stream never holds it, and a stream
+  resumed after a restart streams at once (its receivers were there before).
 * Lease deadlines use the monotonic clock (a wall-clock step neither expires nor prolongs leases); the
   ``expires_at`` shown to clients is the wall-clock equivalent at the time of the grant or renewal.
 """
@@ -44,6 +49,7 @@ from dataclasses import dataclass
 
 from vmcast.protocol import Manifest
 
+from .defaults import DEFAULT_MAX_WAIT
 from .errors import (
     GroupsExhausted,
     ImageChanged,
@@ -104,6 +110,8 @@ class StreamStatus:
     created_at: float
     repair_port: int
     """UDP port of the server's repair listener (on the API's host)."""
+    waiting_for: int
+    """Receivers the stream still holds for before its first loop (0: it streams)."""
     sender: SenderStats
 
 
@@ -132,7 +140,8 @@ class _Stream:
     """Registry-internal: mutable, guarded by the registry's lock."""
 
     __slots__ = (
-        "cookie", "created_at", "group", "image", "key", "port", "references", "sender", "stream_id", "zero_bytes",
+        "cookie", "created_at", "group", "image", "joined", "key", "min_receivers", "port", "references", "sender",
+        "stream_id", "zero_bytes",
     )  # fmt: skip
 
     def __init__(
@@ -149,6 +158,9 @@ class _Stream:
         self.stream_id, self.key, self.image = stream_id, key, image
         self.group, self.port, self.cookie, self.sender = group, port, cookie, sender
         self.references = 0
+        self.min_receivers = 1
+        self.joined: set[str] = set()
+        """Active leases whose holders said they joined the group (counted while the sender holds)."""
         self.created_at = time.time()
         self.zero_bytes = zero_bytes_of(image.manifest)  # once: a status is asked for at every metrics scrape
 
@@ -213,8 +225,9 @@ class Registry:
 
     # -- leases ------------------------------------------------------------------------------------------------
 
-    def acquire(self, image: PreparedImage) -> tuple[StreamStatus, Lease]:
-        """A lease on the stream of `image` (started now if not running)."""
+    def acquire(self, image: PreparedImage, *, min_receivers: int = 1, max_wait: float = DEFAULT_MAX_WAIT) -> tuple[StreamStatus, Lease]:
+        """A lease on the stream of `image` (started now if not running). A stream started here with
+        `min_receivers` > 1 holds until that many leases have `joined`, or for `max_wait` seconds."""
         key = (image.name, image.format, image.manifest.sha1)
         with self._lock:
             if self._closed:
@@ -239,7 +252,8 @@ class Registry:
             if new_stream is not None:
                 self._next_group = next_group
                 self._register(new_stream)
-                new_stream.sender.start()
+                new_stream.min_receivers = min_receivers
+                new_stream.sender.start(hold=max_wait if min_receivers > 1 else None)
                 log.info(
                     "stream %s: %s as %s to %s:%d, cookie %s", stream.stream_id, image.name, image.format,
                     stream.group, stream.port, stream.cookie.hex(),
@@ -278,6 +292,26 @@ class Registry:
                     # Informational only: a restart gives every lease a fresh TTL anyway.
                     log.warning("lease %s renewed, but not recorded: %s", lease_id, error)
             return lease
+
+    def joined(self, lease_id: str) -> StreamStatus:
+        """The holder of an active lease has joined the group; opens a holding stream's gate once
+        `min_receivers` of its active leases have. Returns the stream as it is now.
+
+        Error handling: `LeaseExpired` if the lease expired (and is still remembered), else `LeaseNotFound`.
+        """
+        with self._lock:
+            lease = self._leases.get(lease_id)
+            if lease is None:
+                ended = self._ended.get(lease_id)
+                if ended is not None and ended[1] is ReleaseOutcome.EXPIRED:
+                    raise LeaseExpired(lease_id=lease_id, ttl=self.lease_ttl)
+                raise LeaseNotFound(lease_id=lease_id)
+            stream = self._running[lease.stream_id]
+            stream.joined.add(lease_id)
+            if stream.sender.holding and len(stream.joined) >= stream.min_receivers:
+                stream.sender.open_gate()
+                log.info("stream %s: %d receivers joined; starting", stream.stream_id, len(stream.joined))
+            return self._status(stream)
 
     def release(self, lease_id: str) -> Release:
         """End a lease; stops the stream's sender (waiting up to `STOP_WAIT`) when it was the last one."""
@@ -491,6 +525,7 @@ class Registry:
                 self._ended.popitem(last=False)
             stream = self._running[lease.stream_id]
             stream.references -= 1
+            stream.joined.discard(lease.lease_id)
             if stream.references == 0:
                 self._retire(stream)
                 retired.append(stream.stream_id)
@@ -567,6 +602,7 @@ class Registry:
             rate_bps=self.sender_config.rate_bps,
             created_at=stream.created_at,
             repair_port=self.repair_port,
+            waiting_for=max(0, stream.min_receivers - len(stream.joined)) if stream.sender.holding else 0,
             sender=stream.sender.stats(),
         )
 

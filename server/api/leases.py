@@ -10,7 +10,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException
 
 from .deps import RegistryDep
-from .schemas import ErrorBody, LeaseInfo, LeaseReleased
+from .schemas import ErrorBody, LeaseInfo, LeaseJoined, LeaseReleased
 
 router = APIRouter(prefix="/v1/leases", tags=["leases"])
 
@@ -44,6 +44,21 @@ def renew_lease(lease_id: str, registry: RegistryDep) -> LeaseInfo:
     the new `expires_at`. A 404 means the lease has ended: the stream may have stopped, and the holder must
     start it again to get a new lease (same group, port and cookie if the stream still runs)."""
     return LeaseInfo.of(registry.renew(lease_id))
+
+
+@router.post(
+    "/{lease_id}/joined",
+    response_model=LeaseJoined,
+    summary="Say that the lease's holder has joined the stream's group",
+    responses={404: {"model": ErrorBody, "description": "The lease expired, was released, or is unknown."}},
+)
+def lease_joined(lease_id: str, registry: RegistryDep) -> LeaseJoined:
+    """A receiver says this once it listens to the group, when its start answer showed `waiting_for` > 0. A
+    stream started with `min_receivers` = N sends only metadata until N of its active leases have said it
+    (or its `max_wait` has passed), then starts its first loop at the image's first frame, so that receivers
+    started together need one loop between them rather than one each plus the gaps between their starts."""
+    stream = registry.joined(lease_id)
+    return LeaseJoined(stream_id=stream.stream_id, waiting_for=stream.waiting_for)
 
 
 @router.delete("/{lease_id}", response_model=LeaseReleased, summary="Release a lease (idempotent)")

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from vmcast.protocol import FEC_SCHEME
 
 from ..catalog import CatalogImage
+from ..defaults import DEFAULT_MAX_WAIT
 from ..registry import Lease, Release, StreamStatus
 
 _HEX_COOKIE = r"^[0-9a-f]{16}$"
@@ -64,6 +65,20 @@ class StreamRequest(_Model):
         max_length=32,
         description="Format to stream the image in; one of the image's `formats`.",
     )
+    min_receivers: int = Field(
+        1,
+        ge=1,
+        le=1_000_000,
+        description="When this request starts the stream: send only metadata until this many receivers have "
+        "joined the group (`POST /v1/leases/{lease_id}/joined`), then start the first loop, like udp-sender's "
+        "--min-receivers. Ignored when the stream runs already.",
+    )
+    max_wait: float = Field(
+        DEFAULT_MAX_WAIT,
+        gt=0,
+        le=86_400,
+        description="With `min_receivers` > 1: start anyway after this many seconds, with the receivers there.",
+    )
 
 
 class StreamStarted(_Model):
@@ -98,6 +113,11 @@ class StreamStarted(_Model):
         description="Source UDP port of the carousel's datagrams (repair frames come from another): a receiver "
         "follows the carousel's position from its first datagram (docs/PROTOCOL.md section 7)."
     )
+    waiting_for: int = Field(
+        0,
+        description="Receivers the stream still holds for (sending only metadata) before its first loop: when "
+        "above 0, say `POST /v1/leases/{lease_id}/joined` once listening to the group.",
+    )
     lease_ttl: float = Field(
         description="Seconds the lease lives without renewal: renew it (POST /v1/leases/{lease_id}/renew) well within that, e.g. every third of it."
     )
@@ -110,6 +130,7 @@ class StreamStarted(_Model):
             lease_id=lease.lease_id,
             repair_port=stream.repair_port,
             carousel_port=stream.sender.carousel_port,
+            waiting_for=stream.waiting_for,
             lease_ttl=lease.ttl,
             expires_at=lease.expires_at,
         )
@@ -149,6 +170,7 @@ class Stream(_Model):
     zero_bytes: int = Field(0, description="Bytes of the image in all-zero blocks, which are never sent.")
     fec: str | None = Field(None, description='The parity scheme the stream announces ("raptorq"), null: none.')
     references: int = Field(description="Leases holding the stream; it stops when the last is released.")
+    waiting_for: int = Field(0, description="Receivers the stream still holds for before its first loop (0: it streams).")
     loops_completed: int = Field(description="Times the whole image was sent.")
     bytes_sent: int = Field(description="UDP payload bytes sent (vmcast frame headers included, IP/UDP headers not).")
     datagrams_sent: int = Field(description="Datagrams sent, data and metadata.")
@@ -180,6 +202,7 @@ class Stream(_Model):
         return cls(
             **_identity_of(stream),
             references=stream.references,
+            waiting_for=stream.waiting_for,
             loops_completed=sender.loops_completed,
             bytes_sent=sender.bytes_sent,
             datagrams_sent=sender.datagrams_sent,
@@ -199,6 +222,13 @@ class Stream(_Model):
             repair_pending=sender.repair_pending,
             repair_drops=sender.repair_drops,
         )
+
+
+class LeaseJoined(_Model):
+    """The answer to a receiver saying it joined the group."""
+
+    stream_id: str
+    waiting_for: int = Field(description="Receivers the stream still holds for (0: it streams).")
 
 
 class LeaseInfo(_Model):

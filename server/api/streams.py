@@ -38,7 +38,7 @@ def start_stream(
     # A plain `def`: conversion and hashing block, so FastAPI runs this in a worker thread.
     image = catalog.get(body.image)
     prepared = preparer.prepare(image, body.format)
-    stream, lease = registry.acquire(prepared)
+    stream, lease = registry.acquire(prepared, min_receivers=body.min_receivers, max_wait=body.max_wait)
     return StreamStarted.of(stream, lease)
 
 

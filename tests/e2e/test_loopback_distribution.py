@@ -90,3 +90,33 @@ def test_receivers_that_lose_frames_are_repaired_by_parity_and_all_hold_verified
         assert summary["recovered_blocks"] > 0 and summary["repair_parity_requested"] > 0, summary
         assert summary["fallback_blocks"] == 0
     assert stream["parity_frames_sent"] > 0 and stream["parity_jobs"] > 0, stream
+
+
+def test_receivers_started_apart_with_min_receivers_share_one_loop_that_starts_when_the_last_joins(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    expected = write_random_image(images / "disk.raw", 32)
+    frames = -(-(32 << 20) // 1400)
+    with running_server(images, tmp_path, "--rate", "300mbit") as url:
+        outputs = [tmp_path / f"out-{i}.raw" for i in range(2)]
+        hold = ("--min-receivers", "2", "--max-wait", "60")
+        first = start_receiver("disk.raw", "--server", url, "--output", str(outputs[0]), *hold, log=tmp_path / "r0.log")
+        deadline = time.monotonic() + 20
+        while not (streams := httpx.get(f"{url}/v1/streams").json()):
+            assert time.monotonic() < deadline, "the first receiver never took its lease"
+            time.sleep(0.05)
+        stream_id = streams[0]["stream_id"]
+        time.sleep(2.0)  # without the hold, 2 s at 300 Mbit/s is more than two whole loops of this image
+        held = httpx.get(f"{url}/v1/streams/{stream_id}").json()
+        assert (held["waiting_for"], held["loops_completed"]) == (1, 0)
+        assert held["datagrams_sent"] < 50, "only metadata while the stream holds"
+        second = start_receiver("disk.raw", "--server", url, "--output", str(outputs[1]), *hold, log=tmp_path / "r1.log")
+
+        for index, process in enumerate((first, second)):
+            code, summary = receiver_result(process, timeout=120)
+            assert code == 0, (tmp_path / f"r{index}.log").read_text()[-2000:]
+            assert summary["sha1"] == expected == sha1_of(outputs[index])
+        final = httpx.get(f"{url}/v1/streams/{stream_id}").json()
+    # Both joined before the first data frame left: one loop serves both (plus metadata, and what leaves
+    # while the receivers hash, sync and release: far less than the two loops a 2 s head start would cost).
+    assert final["datagrams_sent"] < frames * 1.5, f"{final['datagrams_sent']} datagrams for {frames} frames"
