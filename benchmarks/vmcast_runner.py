@@ -17,6 +17,9 @@ What is timed, and what is not:
   when the last receiver has exited **and** its output file was read back and its SHA-1 matched.
   A receiver counts as verified only if its own JSON summary says ``verified`` with the expected ``sha1``
   *and* the re-read file matches.
+* Every receiver runs with ``--min-receivers N``: the stream holds (metadata only) until all N have joined
+  and then starts at the image's first frame, as the peers are run (udp-sender ``--min-receivers N``, uftp
+  with the closed group ``-H``). Their start-up and join stay inside the timed number.
 * ``sender_wire_bytes``: ``tx_bytes`` of the sender's ``lan0`` over the timed part (data, metadata, repair
   frames, HTTP answers, Ethernet headers included).
 * ``cpu_seconds``: user + system CPU of the server (from the clock start on) and all receivers.
@@ -81,6 +84,9 @@ ETHERNET_HEADER_BYTES = 14
 PREWARM_TIMEOUT_SECONDS = 600.0  # hashing a large image on a busy 2-core machine
 STATS_TIMEOUT_SECONDS = 15.0
 RECEIVER_DATAGRAM_TIMEOUT_SECONDS = 30.0  # vmcast receive --timeout: no datagram at all for this long
+# The stream holds until every receiver has joined, as udp-sender does with --min-receivers and uftp with its
+# closed group (-H): vmcast receive --min-receivers N --max-wait this.
+HOLD_MAX_WAIT_SECONDS = 30.0
 POLL_INTERVAL_SECONDS = 0.05
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _PROC_STAT_BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user nice system irq softirq steal (idle and iowait are not busy)
@@ -303,7 +309,8 @@ def run_vmcast(
         for index, (receiver, output) in enumerate(zip(bed.receivers, outputs, strict=True)):
             session.start(receiver, [*VMCAST_COMMAND, "receive", image_path.name, "--server", base_url,
                                      "--output", str(output), "--interface", receiver.address,
-                                     "--timeout", str(RECEIVER_DATAGRAM_TIMEOUT_SECONDS), "--json"],
+                                     "--timeout", str(RECEIVER_DATAGRAM_TIMEOUT_SECONDS), "--json",
+                                     "--min-receivers", str(len(bed.receivers)), "--max-wait", str(HOLD_MAX_WAIT_SECONDS)],
                           f"receiver{index}")  # fmt: skip
 
         done_at: dict[int, float] = {}

@@ -110,10 +110,11 @@ class FromServer:
     """Image name on the server."""
     format: str = "raw"
     """Format to stream the image in."""
-    min_receivers: int = 1
-    """If this receiver's lease starts the stream: it holds (metadata only) until this many receivers joined."""
+    min_receivers: int | None = None
+    """If this receiver's lease starts the stream: it holds (metadata only) until this many receivers joined
+    (None: it starts at once)."""
     max_wait: float | None = None
-    """With `min_receivers` > 1: the longest hold, in seconds (None: the server's default)."""
+    """With `min_receivers`: the longest hold, in seconds (None: the server's default)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -90,7 +90,7 @@ def receive(
     fallback_after: Annotated[float, typer.Option(min=0.1, help="With a server: when nothing of the stream arrived by multicast within this many seconds of joining, fetch the image by HTTP instead (GET /v1/streams/ID/data with Range). HTTP also fetches the last few blocks (at most 1% of them, or 16) still missing a whole loop after joining.")] = DEFAULT_FALLBACK_AFTER,
     no_fallback: Annotated[bool, typer.Option("--no-fallback", help="Never fetch by HTTP: what multicast loses comes from repair requests and the next loop.")] = False,
     no_repair: Annotated[bool, typer.Option("--no-repair", help="With a server: send no repair requests (UDP, to the server's repair port) for lost frames; they come from the next loop or the HTTP fallback.")] = False,
-    min_receivers: Annotated[int, typer.Option(min=1, help="With a server, if this receiver's lease starts the stream: the server sends only metadata until this many receivers have joined, then starts at the image's first frame (like udp-sender --min-receivers; give every receiver started together the same N). Each receiver says when it has joined.")] = 1,
+    min_receivers: Annotated[int | None, typer.Option(min=1, help="With a server, if this receiver's lease starts the stream: the server sends only metadata until this many receivers have joined, then starts at the image's first frame (like udp-sender --min-receivers; give every receiver started together the same N; 1 = this one, which then misses nothing of the first loop). Each receiver says when it has joined.", show_default=False)] = None,
     max_wait: Annotated[float | None, typer.Option(min=0.001, help="With --min-receivers: the stream starts anyway after this many seconds (default: the server's, 30).", show_default=False)] = None,
     no_gro: Annotated[bool, typer.Option("--no-gro", help="Do not ask the kernel for UDP GRO: one datagram per receive system call instead of up to 64 KiB of them (for comparison; GRO is off by itself where the kernel lacks it).")] = False,
     rcvbuf: Annotated[str, typer.Option(help="Socket receive buffer to ask for, in bytes; suffixes k, m, g (powers of 1024). Linux doubles it for its bookkeeping; without root it is capped at net.core.rmem_max. A larger buffer rides out longer pauses of the receiver without losing datagrams.")] = f"{RECEIVE_BUFFER >> 20}m",
@@ -300,7 +300,7 @@ def parse_size(text: str) -> int:
 def _request(
     *, output: str, image: str | None, server: str | None, image_format: str | None, group: str | None, port: int | None,
     cookie: str | None, interface: str | None, timeout: float, force: bool, fallback_after: float | None, no_repair: bool, rcvbuf: str,
-    gro: bool = True, min_receivers: int = 1, max_wait: float | None = None,
+    gro: bool = True, min_receivers: int | None = None, max_wait: float | None = None,
 ) -> ReceiveRequest:  # fmt: skip
     """Check the options' combinations and turn them into a request; a bad one is a usage error (exit 2)."""
     direct = {"--group": group, "--port": port, "--cookie": cookie}
@@ -326,7 +326,7 @@ def _request(
             raise typer.BadParameter(f"missing {', '.join(missing)}: give IMAGE and --server, or all of --group, --port and --cookie", param_hint="--group / --port / --cookie")
         if image_format is not None:
             raise typer.BadParameter("needs a server: without one the sender decides the format", param_hint="--format")
-        if min_receivers != 1 or max_wait is not None:
+        if min_receivers is not None or max_wait is not None:
             raise typer.BadParameter("needs a server: it is the server that holds a stream for receivers", param_hint="--min-receivers / --max-wait")
         if not is_multicast(group):
             raise typer.BadParameter(f"{group!r} is not an IPv4 multicast address (224.0.0.0/4)", param_hint="--group")

@@ -97,11 +97,11 @@ class LeaseClient:
         self.server = server.rstrip("/")
         self._client = client
 
-    async def acquire(self, *, image: str, format: str, min_receivers: int = 1, max_wait: float | None = None) -> Lease:
+    async def acquire(self, *, image: str, format: str, min_receivers: int | None = None, max_wait: float | None = None) -> Lease:
         """A lease on the stream of `image`; a stream this starts holds for `min_receivers` (see the module)."""
         url = f"{self.server}/v1/streams"
         body: dict[str, object] = {"image": image, "format": format}
-        if min_receivers > 1:
+        if min_receivers is not None:
             body |= {"min_receivers": min_receivers} | ({"max_wait": max_wait} if max_wait is not None else {})
         response = await self._request("POST", url, json=body)
         if response.status_code == 404:

@@ -316,9 +316,9 @@ def stream_start(
         typer.Option(help="Seconds to wait for the server; the first start of a large image in another format converts it first."),
     ] = START_TIMEOUT,
     min_receivers: Annotated[
-        int,
-        typer.Option(min=1, help="If this starts the stream: send only metadata until this many receivers have joined its group (vmcast receive says so), then start at the image's first frame. Your own lease does not count."),
-    ] = 1,
+        int | None,
+        typer.Option(min=1, help="If this starts the stream: send only metadata until this many receivers have joined its group (vmcast receive says so), then start at the image's first frame. Your own lease does not count.", show_default=False),
+    ] = None,
     max_wait: Annotated[
         float, typer.Option(min=0.001, help="With --min-receivers: start anyway after this many seconds.")
     ] = DEFAULT_MAX_WAIT,

@@ -49,8 +49,8 @@ class ServerClient:
     def close(self) -> None:
         self._http.close()
 
-    def start_stream(self, image: str, format: str = "raw", *, min_receivers: int = 1, max_wait: float | None = None) -> StreamStarted:
-        hold = {"min_receivers": min_receivers} | ({"max_wait": max_wait} if max_wait is not None else {})
+    def start_stream(self, image: str, format: str = "raw", *, min_receivers: int | None = None, max_wait: float | None = None) -> StreamStarted:
+        hold = ({"min_receivers": min_receivers} if min_receivers else {}) | ({"max_wait": max_wait} if max_wait is not None else {})
         body = StreamRequest(image=image, format=format, **hold).model_dump()
         return self._call("POST", "/v1/streams", StreamStarted, json=body, timeout=self._start_timeout)
 

@@ -13,7 +13,7 @@ Rules::
                             unknown lease     -> nothing (said so)
     reap()                  every lease not renewed within the TTL ends as if released
     joined(lease)           active lease      -> counted among the stream's receivers in the group; a stream
-                                                 started with min_receivers = N holds (metadata only) until
+                                                 started with min_receivers N holds (metadata only) until
                                                  N active leases have said so, or max_wait has passed
 
 * A stream is identified by (image name, format, SHA-1): if the image file is replaced while a stream of it
@@ -158,7 +158,7 @@ class _Stream:
         self.stream_id, self.key, self.image = stream_id, key, image
         self.group, self.port, self.cookie, self.sender = group, port, cookie, sender
         self.references = 0
-        self.min_receivers = 1
+        self.min_receivers = 0  # 0: the stream never held
         self.joined: set[str] = set()
         """Active leases whose holders said they joined the group (counted while the sender holds)."""
         self.created_at = time.time()
@@ -225,9 +225,9 @@ class Registry:
 
     # -- leases ------------------------------------------------------------------------------------------------
 
-    def acquire(self, image: PreparedImage, *, min_receivers: int = 1, max_wait: float = DEFAULT_MAX_WAIT) -> tuple[StreamStatus, Lease]:
+    def acquire(self, image: PreparedImage, *, min_receivers: int | None = None, max_wait: float = DEFAULT_MAX_WAIT) -> tuple[StreamStatus, Lease]:
         """A lease on the stream of `image` (started now if not running). A stream started here with
-        `min_receivers` > 1 holds until that many leases have `joined`, or for `max_wait` seconds."""
+        `min_receivers` holds until that many leases have `joined`, or for `max_wait` seconds."""
         key = (image.name, image.format, image.manifest.sha1)
         with self._lock:
             if self._closed:
@@ -252,8 +252,8 @@ class Registry:
             if new_stream is not None:
                 self._next_group = next_group
                 self._register(new_stream)
-                new_stream.min_receivers = min_receivers
-                new_stream.sender.start(hold=max_wait if min_receivers > 1 else None)
+                new_stream.min_receivers = min_receivers or 0
+                new_stream.sender.start(hold=max_wait if min_receivers else None)
                 log.info(
                     "stream %s: %s as %s to %s:%d, cookie %s", stream.stream_id, image.name, image.format,
                     stream.group, stream.port, stream.cookie.hex(),

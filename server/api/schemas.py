@@ -65,19 +65,19 @@ class StreamRequest(_Model):
         max_length=32,
         description="Format to stream the image in; one of the image's `formats`.",
     )
-    min_receivers: int = Field(
-        1,
+    min_receivers: int | None = Field(
+        None,
         ge=1,
         le=1_000_000,
         description="When this request starts the stream: send only metadata until this many receivers have "
-        "joined the group (`POST /v1/leases/{lease_id}/joined`), then start the first loop, like udp-sender's "
-        "--min-receivers. Ignored when the stream runs already.",
+        "joined the group (`POST /v1/leases/{lease_id}/joined`), then start the first loop at the image's first "
+        "frame, like udp-sender's --min-receivers. Null: start at once. Ignored when the stream runs already.",
     )
     max_wait: float = Field(
         DEFAULT_MAX_WAIT,
         gt=0,
         le=86_400,
-        description="With `min_receivers` > 1: start anyway after this many seconds, with the receivers there.",
+        description="With `min_receivers`: start anyway after this many seconds, with the receivers there.",
     )
 
 

@@ -73,3 +73,22 @@ def test_bad_hold_requests_are_refused_clearly(client: TestClient, images: Image
     unknown = client.post("/v1/leases/no-such-lease/joined")
     assert unknown.status_code == 404
     assert "no-such-lease" in unknown.json()["detail"]
+
+
+def test_min_receivers_1_holds_until_the_starting_receiver_itself_joined(
+    client: TestClient, images: Images, listen: Callable[..., MulticastListener]
+) -> None:
+    # So a single receiver misses nothing of the first loop between its lease and its join.
+    started = start(client, images.raw, min_receivers=1)
+    assert started["waiting_for"] == 1
+    listener = listen(started["group"], started["port"], started["cookie"])
+    assert all(item.is_metadata for item in listener.listen(0.5))
+    assert joined(client, started["lease_id"])["waiting_for"] == 0
+    data_frames = [item for item in listener.listen(0.5) if not item.is_metadata]
+    assert data_frames and data_frames[0].offset == 0
+
+
+def test_without_min_receivers_a_stream_starts_at_once(client: TestClient, images: Images) -> None:
+    started = start(client, images.raw)
+    assert started["waiting_for"] == 0
+    assert client.get(f"/v1/streams/{started['stream_id']}").json()["waiting_for"] == 0
