@@ -272,12 +272,7 @@ class Registry:
         Error handling: `LeaseExpired` if it expired (and is still remembered), else `LeaseNotFound`.
         """
         with self._lock:
-            lease = self._leases.get(lease_id)
-            if lease is None:
-                ended = self._ended.get(lease_id)
-                if ended is not None and ended[1] is ReleaseOutcome.EXPIRED:
-                    raise LeaseExpired(lease_id=lease_id, ttl=self.lease_ttl)
-                raise LeaseNotFound(lease_id=lease_id)
+            lease = self._active_lease(lease_id)
             now = time.time()
             lease = Lease(
                 lease_id=lease_id, stream_id=lease.stream_id, created_at=lease.created_at,
@@ -300,13 +295,7 @@ class Registry:
         Error handling: `LeaseExpired` if the lease expired (and is still remembered), else `LeaseNotFound`.
         """
         with self._lock:
-            lease = self._leases.get(lease_id)
-            if lease is None:
-                ended = self._ended.get(lease_id)
-                if ended is not None and ended[1] is ReleaseOutcome.EXPIRED:
-                    raise LeaseExpired(lease_id=lease_id, ttl=self.lease_ttl)
-                raise LeaseNotFound(lease_id=lease_id)
-            stream = self._running[lease.stream_id]
+            stream = self._running[self._active_lease(lease_id).stream_id]
             stream.joined.add(lease_id)
             if stream.sender.holding and len(stream.joined) >= stream.min_receivers:
                 stream.sender.open_gate()
@@ -499,6 +488,16 @@ class Registry:
             self.lease_ttl,
         )  # fmt: skip
         return None
+
+    def _active_lease(self, lease_id: str) -> Lease:
+        """The active lease `lease_id`; `LeaseExpired` if it expired (and is remembered), else `LeaseNotFound`."""
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            ended = self._ended.get(lease_id)
+            if ended is not None and ended[1] is ReleaseOutcome.EXPIRED:
+                raise LeaseExpired(lease_id=lease_id, ttl=self.lease_ttl)
+            raise LeaseNotFound(lease_id=lease_id)
+        return lease
 
     def _grant(self, stream_id: str, *, created_at: float, lease_id: str | None = None) -> Lease:
         return Lease(

@@ -234,3 +234,10 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def start_stream(client: TestClient, image: str, format: str = "raw", **fields: object) -> dict:
+    """``POST /v1/streams`` that must answer 201; the answer."""
+    response = client.post("/v1/streams", json={"image": image, "format": format, **fields})
+    assert response.status_code == 201, response.text
+    return response.json()

@@ -9,13 +9,7 @@ from collections.abc import Callable
 from vmcast.server.app import create_app
 from vmcast.server.settings import Settings
 
-from .server_testing import Images, MulticastListener, TestClient, sha1_of
-
-
-def start(client: TestClient, image: str, format: str = "raw") -> dict:
-    response = client.post("/v1/streams", json={"image": image, "format": format})
-    assert response.status_code == 201, response.text
-    return response.json()
+from .server_testing import Images, MulticastListener, TestClient, sha1_of, start_stream
 
 
 def release(client: TestClient, lease_id: str) -> dict:
@@ -27,7 +21,7 @@ def release(client: TestClient, lease_id: str) -> dict:
 def test_starting_a_stream_answers_everything_a_receiver_needs(
     client: TestClient, images: Images, settings: Settings
 ) -> None:
-    started = start(client, images.raw)
+    started = start_stream(client, images.raw)
     assert set(started) >= {
         "stream_id",
         "group",
@@ -52,8 +46,8 @@ def test_starting_a_stream_answers_everything_a_receiver_needs(
 def test_starting_the_same_image_and_format_again_joins_the_stream_with_a_new_lease(
     client: TestClient, images: Images
 ) -> None:
-    first = start(client, images.raw)
-    second = start(client, images.raw)
+    first = start_stream(client, images.raw)
+    second = start_stream(client, images.raw)
     assert second["stream_id"] == first["stream_id"]
     assert (second["group"], second["port"], second["cookie"]) == (first["group"], first["port"], first["cookie"])
     assert second["lease_id"] != first["lease_id"]
@@ -62,9 +56,9 @@ def test_starting_the_same_image_and_format_again_joins_the_stream_with_a_new_le
 
 
 def test_each_stream_gets_its_own_group_and_cookie(client: TestClient, images: Images) -> None:
-    raw = start(client, images.raw)
-    qcow2 = start(client, images.qcow2, "qcow2")
-    converted = start(client, images.qcow2, "raw")
+    raw = start_stream(client, images.raw)
+    qcow2 = start_stream(client, images.qcow2, "qcow2")
+    converted = start_stream(client, images.qcow2, "raw")
     assert len({raw["group"], qcow2["group"], converted["group"]}) == 3
     assert len({raw["cookie"], qcow2["cookie"], converted["cookie"]}) == 3
     assert len({raw["stream_id"], qcow2["stream_id"], converted["stream_id"]}) == 3
@@ -73,8 +67,8 @@ def test_each_stream_gets_its_own_group_and_cookie(client: TestClient, images: I
 def test_two_starts_and_one_stop_keep_the_stream_sending(
     client: TestClient, images: Images, listen: Callable[..., MulticastListener]
 ) -> None:
-    first = start(client, images.raw)
-    second = start(client, images.raw)
+    first = start_stream(client, images.raw)
+    second = start_stream(client, images.raw)
     listener = listen(first["group"], first["port"], first["cookie"])
     assert listener.listen(0.3), "the stream sends"
     released = release(client, first["lease_id"])
@@ -89,8 +83,8 @@ def test_two_starts_and_one_stop_keep_the_stream_sending(
 def test_the_last_stop_stops_the_sender_within_a_second(
     client: TestClient, images: Images, listen: Callable[..., MulticastListener]
 ) -> None:
-    first = start(client, images.raw)
-    second = start(client, images.raw)
+    first = start_stream(client, images.raw)
+    second = start_stream(client, images.raw)
     listener = listen(first["group"], first["port"], first["cookie"])
     assert listener.listen(0.2)
     release(client, first["lease_id"])
@@ -105,8 +99,8 @@ def test_the_last_stop_stops_the_sender_within_a_second(
 
 
 def test_releasing_a_lease_twice_never_counts_twice(client: TestClient, images: Images) -> None:
-    first = start(client, images.raw)
-    second = start(client, images.raw)
+    first = start_stream(client, images.raw)
+    second = start_stream(client, images.raw)
     assert release(client, first["lease_id"])["outcome"] == "released"
     again = release(client, first["lease_id"])
     assert again["outcome"] == "already_released"
@@ -124,17 +118,17 @@ def test_releasing_an_unknown_lease_succeeds_and_says_so(client: TestClient) -> 
 
 
 def test_a_stopped_image_starts_again_as_a_new_stream_with_a_new_cookie(client: TestClient, images: Images) -> None:
-    first = start(client, images.raw)
+    first = start_stream(client, images.raw)
     release(client, first["lease_id"])
-    again = start(client, images.raw)
+    again = start_stream(client, images.raw)
     assert again["stream_id"] != first["stream_id"]
     assert again["cookie"] != first["cookie"]
     assert again["group"] != first["group"], "a just freed group is not reused at once"
 
 
 def test_stream_counters_grow_while_it_sends(client: TestClient, images: Images, settings: Settings) -> None:
-    started = start(client, images.empty)
-    big = start(client, images.raw)
+    started = start_stream(client, images.empty)
+    big = start_stream(client, images.raw)
     time.sleep(1.2)
     stream = client.get(f"/v1/streams/{big['stream_id']}").json()
     assert stream["datagrams_sent"] > 1000
@@ -185,8 +179,8 @@ def test_when_every_group_of_the_range_is_taken_a_start_is_503(
     settings_for: Callable[..., Settings], images: Images
 ) -> None:
     with TestClient(create_app(settings_for(group_range="239.255.9.0/31"))) as client:
-        assert start(client, images.raw)["group"] == "239.255.9.0"  # a /31 has no network or broadcast address
-        assert start(client, images.empty)["group"] == "239.255.9.1"
+        assert start_stream(client, images.raw)["group"] == "239.255.9.0"  # a /31 has no network or broadcast address
+        assert start_stream(client, images.empty)["group"] == "239.255.9.1"
         response = client.post("/v1/streams", json={"image": images.qcow2})
         assert response.status_code == 503
         assert "group range 239.255.9.0/31" in response.json()["detail"]
@@ -196,7 +190,7 @@ def test_stopping_the_server_stops_every_stream(
     settings: Settings, images: Images, listen: Callable[..., MulticastListener]
 ) -> None:
     with TestClient(create_app(settings)) as client:
-        started = start(client, images.raw)
+        started = start_stream(client, images.raw)
         listener = listen(started["group"], started["port"], started["cookie"])
         assert listener.listen(0.2)
     listener.drain()
@@ -204,7 +198,7 @@ def test_stopping_the_server_stops_every_stream(
 
 
 def test_an_active_lease_can_be_looked_up_and_a_released_one_cannot(client: TestClient, images: Images) -> None:
-    started = start(client, images.raw)
+    started = start_stream(client, images.raw)
     lease = client.get(f"/v1/leases/{started['lease_id']}").json()
     assert lease["stream_id"] == started["stream_id"]
     release(client, started["lease_id"])
@@ -213,7 +207,7 @@ def test_an_active_lease_can_be_looked_up_and_a_released_one_cannot(client: Test
 
 def test_health_answers_ok_with_the_number_of_streams(client: TestClient, images: Images) -> None:
     assert client.get("/healthz").json() == {"status": "ok", "streams": 0}
-    start(client, images.raw)
+    start_stream(client, images.raw)
     assert client.get("/healthz").json() == {"status": "ok", "streams": 1}
 
 

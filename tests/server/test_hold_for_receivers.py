@@ -5,13 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .server_testing import Images, MulticastListener, TestClient
-
-
-def start(client: TestClient, image: str, **hold: object) -> dict:
-    response = client.post("/v1/streams", json={"image": image, **hold})
-    assert response.status_code == 201, response.text
-    return response.json()
+from .server_testing import Images, MulticastListener, TestClient, start_stream
 
 
 def joined(client: TestClient, lease_id: str) -> dict:
@@ -23,10 +17,10 @@ def joined(client: TestClient, lease_id: str) -> dict:
 def test_the_stream_holds_until_enough_receivers_joined_then_starts_at_the_first_frame(
     client: TestClient, images: Images, listen: Callable[..., MulticastListener]
 ) -> None:
-    first = start(client, images.raw, min_receivers=2, max_wait=60)
+    first = start_stream(client, images.raw, min_receivers=2, max_wait=60)
     assert first["waiting_for"] == 2
     listener = listen(first["group"], first["port"], first["cookie"])
-    second = start(client, images.raw)  # joins the holding stream: same stream, still two to come
+    second = start_stream(client, images.raw)  # joins the holding stream: same stream, still two to come
     assert (second["stream_id"], second["waiting_for"]) == (first["stream_id"], 2)
 
     assert joined(client, first["lease_id"]) == {"stream_id": first["stream_id"], "waiting_for": 1}
@@ -43,8 +37,8 @@ def test_the_stream_holds_until_enough_receivers_joined_then_starts_at_the_first
 
 
 def test_a_released_lease_no_longer_counts_as_joined(client: TestClient, images: Images) -> None:
-    first = start(client, images.raw, min_receivers=2)
-    second = start(client, images.raw)
+    first = start_stream(client, images.raw, min_receivers=2)
+    second = start_stream(client, images.raw)
     joined(client, first["lease_id"])
     client.delete(f"/v1/leases/{first['lease_id']}")
     assert client.get(f"/v1/streams/{first['stream_id']}").json()["waiting_for"] == 2
@@ -53,7 +47,7 @@ def test_a_released_lease_no_longer_counts_as_joined(client: TestClient, images:
 def test_the_hold_ends_after_max_wait_with_whoever_is_there(
     client: TestClient, images: Images, listen: Callable[..., MulticastListener]
 ) -> None:
-    started = start(client, images.raw, min_receivers=5, max_wait=0.5)
+    started = start_stream(client, images.raw, min_receivers=5, max_wait=0.5)
     listener = listen(started["group"], started["port"], started["cookie"])
     heard = listener.listen(1.5)
     assert any(not item.is_metadata for item in heard), "the stream started when its hold ran out"
@@ -61,8 +55,8 @@ def test_the_hold_ends_after_max_wait_with_whoever_is_there(
 
 
 def test_joining_a_running_stream_never_holds_it(client: TestClient, images: Images) -> None:
-    first = start(client, images.raw)
-    second = start(client, images.raw, min_receivers=10)
+    first = start_stream(client, images.raw)
+    second = start_stream(client, images.raw, min_receivers=10)
     assert (second["stream_id"], second["waiting_for"]) == (first["stream_id"], 0)
 
 
@@ -79,7 +73,7 @@ def test_min_receivers_1_holds_until_the_starting_receiver_itself_joined(
     client: TestClient, images: Images, listen: Callable[..., MulticastListener]
 ) -> None:
     # So a single receiver misses nothing of the first loop between its lease and its join.
-    started = start(client, images.raw, min_receivers=1)
+    started = start_stream(client, images.raw, min_receivers=1)
     assert started["waiting_for"] == 1
     listener = listen(started["group"], started["port"], started["cookie"])
     assert all(item.is_metadata for item in listener.listen(0.5))
@@ -89,6 +83,6 @@ def test_min_receivers_1_holds_until_the_starting_receiver_itself_joined(
 
 
 def test_without_min_receivers_a_stream_starts_at_once(client: TestClient, images: Images) -> None:
-    started = start(client, images.raw)
+    started = start_stream(client, images.raw)
     assert started["waiting_for"] == 0
     assert client.get(f"/v1/streams/{started['stream_id']}").json()["waiting_for"] == 0

@@ -9,7 +9,7 @@ import pytest
 from vmcast.server.app import create_app
 from vmcast.server.settings import Settings
 
-from .server_testing import Images, MulticastListener, TestClient, samples
+from .server_testing import Images, MulticastListener, TestClient, samples, start_stream
 
 TTL = 1.0
 # The reaper looks every TTL / 4; the sender stops within a second of its last lease ending.
@@ -22,14 +22,8 @@ def short_client(settings_for: Callable[..., Settings]) -> Iterator[TestClient]:
         yield client
 
 
-def start(client: TestClient, image: str) -> dict:
-    response = client.post("/v1/streams", json={"image": image})
-    assert response.status_code == 201, response.text
-    return response.json()
-
-
 def test_a_start_says_how_long_the_lease_lives(short_client: TestClient, images: Images) -> None:
-    started = start(short_client, images.raw)
+    started = start_stream(short_client, images.raw)
     assert started["lease_ttl"] == TTL
     assert abs(started["expires_at"] - (time.time() + TTL)) < 0.5
     lease = short_client.get(f"/v1/leases/{started['lease_id']}").json()
@@ -39,7 +33,7 @@ def test_a_start_says_how_long_the_lease_lives(short_client: TestClient, images:
 def test_a_lease_that_is_not_renewed_expires_and_its_stream_stops(
     short_client: TestClient, images: Images, listen: Callable[..., MulticastListener]
 ) -> None:
-    started = start(short_client, images.raw)
+    started = start_stream(short_client, images.raw)
     listener = listen(started["group"], started["port"], started["cookie"])
     assert listener.listen(0.2)
     began = time.monotonic()
@@ -57,15 +51,15 @@ def test_a_lease_that_is_not_renewed_expires_and_its_stream_stops(
     assert (released["outcome"], released["stream_stopped"]) == ("expired", True)
     assert samples(short_client.get("/metrics").text, "vmcast_leases_expired_total") == {(): 1}
 
-    again = start(short_client, images.raw)
+    again = start_stream(short_client, images.raw)
     assert again["stream_id"] != started["stream_id"], "starting again makes a new stream with a new lease"
 
 
 def test_renewing_keeps_a_lease_and_its_stream_alive(
     short_client: TestClient, images: Images, listen: Callable[..., MulticastListener]
 ) -> None:
-    started = start(short_client, images.raw)
-    forgotten = start(short_client, images.raw)  # a second holder that never renews
+    started = start_stream(short_client, images.raw)
+    forgotten = start_stream(short_client, images.raw)  # a second holder that never renews
     expires_at = started["expires_at"]
     deadline = time.monotonic() + 3 * TTL
     while time.monotonic() < deadline:
@@ -85,7 +79,7 @@ def test_renewing_an_unknown_or_released_lease_is_404(short_client: TestClient, 
     response = short_client.post("/v1/leases/no-such-lease/renew")
     assert response.status_code == 404
     assert "start the stream again" in response.json()["detail"]
-    started = start(short_client, images.raw)
+    started = start_stream(short_client, images.raw)
     short_client.delete(f"/v1/leases/{started['lease_id']}")
     response = short_client.post(f"/v1/leases/{started['lease_id']}/renew")
     assert response.status_code == 404
