@@ -38,7 +38,7 @@ def test_the_stream_holds_until_enough_receivers_joined_then_starts_at_the_first
 
 def test_a_released_lease_no_longer_counts_as_joined(client: TestClient, images: Images) -> None:
     first = start_stream(client, images.raw, min_receivers=2)
-    second = start_stream(client, images.raw)
+    start_stream(client, images.raw)  # a second lease keeps the stream running, still holding
     joined(client, first["lease_id"])
     client.delete(f"/v1/leases/{first['lease_id']}")
     assert client.get(f"/v1/streams/{first['stream_id']}").json()["waiting_for"] == 2
