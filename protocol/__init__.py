@@ -56,6 +56,7 @@ from .frames import (
     parity_fields,
 )
 from .metadata import (
+    MAX_ZERO_FRAME_RUNS_PER_BLOCK,
     METADATA_PAYLOAD_LIMIT,
     PROTOCOL_VERSION,
     Layout,

@@ -16,6 +16,10 @@ States and their rules::
 * Data may arrive in any order, any number of times, starting anywhere in the sender's loop (late join).
 * A block is checked as soon as all its frames are in and its checksum is known; a corrupt block is
   forgotten and taken again on a later loop.
+* Frames the sender never sends are taken from metadata: all-zero blocks (``zero``) count as received and
+  verified; all-zero frames (``zero_frames``) count as held, and `MetadataReceived.zero_frames` names them so
+  the caller zeros them on its target before it checks the blocks they complete: those blocks' xxh3 covers
+  the zeros. A forgotten block forgets its zero frames; the next metadata round names them again.
 * Senders that announce only ``sha1`` and ``len`` (a minimal third-party sender) work: the frame size is
   learned from the data, blocks are bookkeeping units with nothing to check, and SHA-1 decides at the end.
 * Received data is tracked in a bitarray with one bit per frame; memory is one bit per frame plus 4 bytes per
@@ -39,6 +43,7 @@ from dataclasses import dataclass
 
 import xxhash
 from bitarray import bitarray
+from bitarray.util import intervals
 
 from .errors import LocalProtocolError, MetadataConflict, RemoteProtocolError
 from .fec import FEC_SCHEME, decode_block, stream_fec_possible
@@ -90,6 +95,13 @@ class MetadataReceived:
     zero_blocks: tuple[int, ...] = ()
     """Blocks this frame announced as all zeros, which the sender never sends: make them read as zeros on
     the target (a hole, BLKZEROOUT, or nothing on a new sparse file). They count as received and verified."""
+    zero_frames: tuple[tuple[int, int], ...] = ()
+    """Runs ``(first frame, count)`` of frames this frame announced as all zeros (``"zero_frames"``), which the
+    sender never sends, and that were not held: make them read as zeros on the target *before* checking
+    `blocks_to_check` (a block they complete is named there, and its xxh3 covers them). They count as held."""
+    blocks_to_recover: tuple[int, ...] = ()
+    """Blocks that those zero frames made decodable with the parity held for them (parity streams only): once
+    the zeros are on the target, call `recover_block` for each, as after `ParityReceived.decodable`."""
 
 
 # Not frozen, unlike the other events: this one is made for every datagram, and a frozen dataclass's
@@ -447,13 +459,19 @@ class Assembly:
         if isinstance(ready, StreamFailed):
             return ready
         zeros = self._take_zero_blocks(metadata.zero_runs, ready) if metadata.zero_runs and self.layout else ()
+        zero_frames: tuple[tuple[int, int], ...] = ()
+        decodable: tuple[int, ...] = ()
+        if metadata.zero_frame_runs and self.layout is not None and self._has_block_checksums:
+            zero_frames, completed, decodable = self._take_zero_frames(metadata.zero_frame_runs)
+            ready += completed
         if metadata.fec == FEC_SCHEME and not self._fec and self.layout is not None and self._has_block_checksums:
             layout = self.layout
             self._fec = stream_fec_possible(length=layout.length, frame_size=layout.frame_size, block_size=layout.block_size)
         if not had_layout and self.layout is not None and self._verified_count == len(self._verified):
             # An empty image, or a resumed one that was already whole: nothing left to receive.
             self.state = AssemblyState.VERIFYING_IMAGE
-        return MetadataReceived(metadata=metadata, first_metadata=first_metadata, blocks_to_check=ready, zero_blocks=zeros)
+        return MetadataReceived(metadata=metadata, first_metadata=first_metadata, blocks_to_check=ready, zero_blocks=zeros,
+                                zero_frames=zero_frames, blocks_to_recover=decodable)
 
     def _conflict(self, metadata: StreamMetadata) -> MetadataConflict | None:
         assert self.metadata is not None
@@ -564,6 +582,52 @@ class Assembly:
         if taken and self._verified_count == len(self._verified) and self.state is AssemblyState.RECEIVING:
             self.state = AssemblyState.VERIFYING_IMAGE
         return tuple(taken)
+
+    def _take_zero_frames(
+        self, runs: tuple[tuple[int, int], ...]
+    ) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...], tuple[int, ...]]:
+        """Count announced zero frames as held, except in verified blocks and where the frame is held already
+        (its data came: it is not zeroed again, and the block's xxh3 judges it). Returns the runs to zero on the
+        target, the blocks that this completed (to check once the zeros are there) and those it made decodable
+        with the parity held (to recover then: zero frames are source symbols held).
+
+        A block forgotten later (corrupt, or the image's SHA-1 was wrong) forgets its zero frames too; the next
+        metadata round announces them again and they are zeroed again, as their data never comes."""
+        layout, received, block_frames = self.layout, self._received, self._block_frames
+        per_block, frame_size = self._frames_per_block, layout.frame_size
+        last_frame = layout.frame_count - 1
+        zeroed: list[list[int]] = []
+        completed, decodable = [], []
+        for start, count in runs:
+            stop = start + count
+            while start < stop:
+                block = start // per_block
+                end = min(stop, (block + 1) * per_block)
+                missing = 0 if self._verified[block] else received.count(0, start, end)
+                if missing:
+                    for value, low, high in intervals(received[start:end]):
+                        if value:
+                            continue
+                        if zeroed and zeroed[-1][0] + zeroed[-1][1] == start + low:
+                            zeroed[-1][1] += high - low
+                        else:
+                            zeroed.append([start + low, high - low])
+                    held_bytes = missing * frame_size
+                    if end - 1 == last_frame and not received[last_frame]:
+                        held_bytes -= frame_size - (layout.length - last_frame * frame_size)  # a short last frame
+                    received[start:end] = 1
+                    block_frames[block] += missing
+                    self._received_bytes += held_bytes
+                    frames_in_block = layout.frames_in_block(block)
+                    if block_frames[block] == frames_in_block:
+                        if self._checksums[block] is not None:
+                            completed.append(block)
+                    elif self._parity and self.parity_held[block] and block_frames[block] + self.parity_held[block] >= frames_in_block:
+                        decodable.append(block)
+                start = end
+        # A block named twice (two runs) once; one that a later run completed is checked, not recovered.
+        decodable = sorted({block for block in decodable if block_frames[block] < layout.frames_in_block(block)})
+        return tuple((first, count) for first, count in zeroed), tuple(completed), tuple(decodable)
 
     # -- checks the caller performs with its own I/O ---------------------------------------------------------
 

@@ -4,6 +4,9 @@ A carousel loops over the image's frames forever, in order, so a receiver that j
 everything after one loop. Metadata goes out at the start of every loop and again whenever
 `METADATA_INTERVAL` seconds have passed, so a late joiner waits at most that long to learn the image.
 
+Frames the metadata announces as never sent (those of all-zero blocks, and all-zero frames) are skipped: the
+carousel keeps them as ordered runs and a cursor on the next run, so moving on costs one comparison per frame.
+
 Repairs go out ahead of the carousel, at most `MAX_REPAIRS_IN_A_ROW` before each carousel frame: requested
 frames (`SendData` with ``repair=True``) and, when the manifest has ``fec``, parity symbols (`SendParity`),
 the two taking turns when both are pending.
@@ -89,16 +92,21 @@ class Carousel:
         )
         self.loops_completed = 0
         self.data_frames_sent = 0
-        # Frames of all-zero blocks are never sent: metadata says which blocks they are.
-        self._zero_blocks = manifest.zero_block_flags()
-        self._any_zero_block = any(self._zero_blocks)  # once: the per-frame path must not scan the blocks
+        # Frames of all-zero blocks and all-zero frames are never sent: metadata says which they are. They are
+        # kept as ordered runs with a cursor on the next one, so the per-frame path compares one integer.
         self._frame_size, self._length = self.layout.frame_size, self.layout.length
         self._frame_count, self._per_block = self.layout.frame_count, self.layout.frames_per_block
         self._pack = HEADER.pack
-        self.frames_per_loop = sum(
-            self.layout.frames_in_block(block) for block, zero in enumerate(self._zero_blocks) if not zero
-        )
-        self._next_frame = self._first_frame_to_send(0)
+        unsent = manifest.unsent_frame_runs()
+        self._skip_starts = [first for first, _ in unsent]
+        self._skip_ends = [first + count for first, count in unsent]
+        self.frames_per_loop = self._frame_count - sum(count for _, count in unsent)
+        self._next_run = 0  # index of the next run of unsent frames ahead of the carousel
+        self._skip_at = -1  # where that run starts (-1: none ahead in this loop)
+        # A frame that starts a block on the carousel's way though not the block's first frame (those before it
+        # are unsent): the repair queue is told, as for a first frame, that the block is being sent again.
+        self._enters_block_at = -1
+        self._next_frame = self._loop_start() if self.frames_per_loop else 0
         self._metadata_due_at: float | None = None  # None: due now (start of the first loop)
         self.fec = bool(manifest.fec)
         self.repairs = RepairQueue(layout=manifest.layout, fec=self.fec)
@@ -145,7 +153,7 @@ class Carousel:
         repairs = self.repairs
         if repairs._pending_count:
             repairs.sent_by_carousel(frame)
-        if repairs._parity_pending and frame % self._per_block == 0:
+        if repairs._parity_pending and (frame % self._per_block == 0 or frame == self._enters_block_at):
             repairs.block_started_by_carousel(frame // self._per_block)
         frame_size = self._frame_size
         offset = frame * frame_size
@@ -154,29 +162,27 @@ class Carousel:
             length = frame_size
         self.data_frames_sent += 1
         following = frame + 1
-        if following >= self._frame_count or (
-            self._any_zero_block and following % self._per_block == 0 and self._zero_blocks[following // self._per_block]
-        ):
-            following = self._first_frame_to_send(following)
-            if following is None or following <= frame:
-                self.loops_completed += 1
-                self._metadata_due_at = None  # every loop starts with metadata
-        self._next_frame = following if following is not None else 0
+        if following == self._skip_at:
+            following = self._skip_run()
+        if following >= self._frame_count:
+            following = self._loop_start()
+            self.loops_completed += 1
+            self._metadata_due_at = None  # every loop starts with metadata
+        self._next_frame = following
         return SendData(header=self._pack(self.cookie, offset), offset=offset, length=length)
 
-    def _first_frame_to_send(self, frame: int) -> int | None:
-        """The first frame at or after `frame`, cyclically, that is not in a zero block; None if there is none."""
-        layout = self.layout
-        if frame >= layout.frame_count:
-            frame = 0
-        if not self._any_zero_block:
-            return frame if layout.frame_count else None
-        per_block = layout.frames_per_block
-        block = frame // per_block
-        if not self._zero_blocks[block]:
-            return frame
-        for step in range(1, layout.block_count + 1):
-            candidate = (block + step) % layout.block_count
-            if not self._zero_blocks[candidate]:
-                return candidate * per_block
-        return None
+    def _loop_start(self) -> int:
+        """The first frame a loop sends (frame 0 unless it is unsent), with the run cursor at the image's start."""
+        self._next_run = 0
+        self._skip_at = self._skip_starts[0] if self._skip_starts else -1
+        return self._skip_run() if self._skip_at == 0 else 0
+
+    def _skip_run(self) -> int:
+        """The carousel reached the run of unsent frames at `_skip_at`: the frame after it (runs are merged, so
+        that one is sent, or is the image's end), with the cursor moved to the next run."""
+        start, following = self._skip_starts[self._next_run], self._skip_ends[self._next_run]
+        if following % self._per_block and start <= following - following % self._per_block:
+            self._enters_block_at = following
+        self._next_run += 1
+        self._skip_at = self._skip_starts[self._next_run] if self._next_run < len(self._skip_starts) else -1
+        return following

@@ -8,6 +8,7 @@ is enough to start; block checksums are spread over several frames so each stays
      "name": "<image>", "format": "raw",                     # optional: informational
      "xxh3": {"first": <block index>, "sums": ["<16 hex>", ...]},   # optional: some blocks' xxh3-64
      "zero": [[<block>, <count>], ...],    # optional: which of those blocks are all zeros (never sent)
+     "zero_frames": [[<frame>, <count>], ...],   # optional: all-zero frames of the other blocks (never sent)
      "fec": "raptorq"}                     # optional: the sender sends parity frames (vmcast.protocol.fec)
 
 A receiver ignores fields it does not know, so later versions can add fields without breaking it.
@@ -47,6 +48,13 @@ MAX_NAME_IN_METADATA = 200
 # Zero detection compares this much of a block first: random data differs within a few bytes, so only blocks
 # that start with zeros pay for the full comparison.
 _ZERO_PROBE = 4096
+
+# Zero-frame runs announced per block at most (the longest ones; the frames of the others are sent). A run
+# costs up to ~25 bytes in every metadata round (at least one a second) and saves at least one frame (1,444
+# bytes on the wire) in every loop; the bound keeps the worst block (alternating zero and non-zero frames:
+# 374 runs) to ~400 bytes, so a block's checksum and runs always fit one metadata frame with the identity,
+# and even an image made only of such blocks has metadata rounds within ~22x its checksums' (section 3).
+MAX_ZERO_FRAME_RUNS_PER_BLOCK = 16
 
 _SHA1_HEX = re.compile(r"[0-9a-f]{40}")
 _XXH3_HEX = re.compile(r"[0-9a-f]{16}")
@@ -118,6 +126,9 @@ class StreamMetadata:
     """xxh3-64 of blocks ``checksums_first ...``, as integers."""
     zero_runs: tuple[tuple[int, int], ...] = ()
     """Runs ``(first block, count)`` of all-zero blocks among those this frame has checksums for."""
+    zero_frame_runs: tuple[tuple[int, int], ...] = ()
+    """Runs ``(first frame, count)`` of all-zero frames in those blocks (not in `zero_runs`' blocks), ascending
+    and apart: the sender never sends them (``"zero_frames"``, docs/PROTOCOL.md section 3)."""
     fec: str | None = None
     """The parity scheme the sender sends (``"raptorq"``: `vmcast.protocol.fec`), or None. Another value is a
     scheme this receiver does not know: it takes no parity then (docs/PROTOCOL.md section 8)."""
@@ -177,6 +188,16 @@ def parse_metadata(fields: dict[str, object]) -> StreamMetadata | Dropped:
         zero_runs = _parse_zero_runs(fields["zero"], first=first, stop=first + len(sums))
         if isinstance(zero_runs, str):
             return bad(zero_runs)
+    zero_frame_runs: tuple[tuple[int, int], ...] = ()
+    if "zero_frames" in fields:
+        if not sums:
+            return bad("'zero_frames' needs 'xxh3' checksums of the blocks it names frames of")
+        zero_frame_runs = _parse_zero_frame_runs(
+            fields["zero_frames"], layout=Layout(length=length, frame_size=frame_size, block_size=block_size),
+            first_block=first, stop_block=first + len(sums), zero_blocks=zero_runs,
+        )
+        if isinstance(zero_frame_runs, str):
+            return bad(zero_frame_runs)
     return StreamMetadata(
         version=version,
         sha1=sha1.lower(),
@@ -188,6 +209,7 @@ def parse_metadata(fields: dict[str, object]) -> StreamMetadata | Dropped:
         checksums_first=first,
         checksums=sums,
         zero_runs=zero_runs,
+        zero_frame_runs=zero_frame_runs,
         fec=fec,
     )
 
@@ -224,6 +246,34 @@ def _parse_zero_runs(value: object, *, first: int, stop: int) -> tuple[tuple[int
     return tuple(runs)
 
 
+def _parse_zero_frame_runs(value: object, *, layout: Layout, first_block: int, stop_block: int,
+                           zero_blocks: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...] | str:
+    """``"zero_frames"``: ascending, apart, inside the frames of blocks ``[first_block, stop_block)`` and in none
+    of the blocks this frame names in ``"zero"`` (section 3). Unlike ``"zero"`` runs, these must be ordered: a
+    receiver takes them in one pass, and a run in a zero block would be two claims about one block."""
+    if not isinstance(value, list):
+        return "'zero_frames' must be a list of [frame, count] pairs"
+    per_block = layout.frames_per_block
+    low = first_block * per_block
+    high = min(stop_block * per_block, layout.frame_count)
+    zero: set[int] = set()
+    for start, count in zero_blocks:
+        zero.update(range(start, start + count))
+    runs, end_of_previous = [], low
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 2 and all(_is_int(v) for v in item)):
+            return f"'zero_frames' entry {item!r} is not a [frame, count] pair"
+        start, count = item
+        if count < 1 or start < end_of_previous or start + count > high:
+            return (f"'zero_frames' run {item!r} is out of order, overlaps another, or is outside frames "
+                    f"[{low}, {high}) of the blocks this frame has checksums for")
+        if zero and any(block in zero for block in range(start // per_block, (start + count - 1) // per_block + 1)):
+            return f"'zero_frames' run {item!r} lies in a block this frame names in 'zero'"
+        runs.append((start, count))
+        end_of_previous = start + count
+    return tuple(runs)
+
+
 def zero_runs_of(flags: list[bool] | tuple[bool, ...]) -> tuple[tuple[int, int], ...]:
     """``(first, count)`` runs of the True entries."""
     runs, start = [], None
@@ -254,6 +304,9 @@ class Manifest:
     """xxh3-64 of every block, in order."""
     zero_blocks: tuple[tuple[int, int], ...] = ()
     """Runs ``(first block, count)`` of all-zero blocks: announced in metadata and never sent."""
+    zero_frames: tuple[tuple[int, int], ...] = ()
+    """Runs ``(first frame, count)`` of all-zero frames in the other blocks, ascending, each inside one block,
+    at most `MAX_ZERO_FRAME_RUNS_PER_BLOCK` per block: announced in metadata (``"zero_frames"``) and never sent."""
     fec: bool | None = None
     """Whether the sender announces and sends RaptorQ parity (``"fec": "raptorq"``). None (the default) becomes
     True exactly when every block of the layout can be coded (`vmcast.protocol.fec.stream_fec_possible`:
@@ -274,6 +327,28 @@ class Manifest:
             flags[first : first + count] = [True] * count
         return flags
 
+    def unsent_frame_runs(self) -> tuple[tuple[int, int], ...]:
+        """``(first frame, count)`` runs of the frames a loop never sends: those of zero blocks and the zero
+        frames, in order, adjacent runs merged."""
+        layout, per_block = self.layout, self.layout.frames_per_block
+        runs = [(first * per_block, min((first + count) * per_block, layout.frame_count) - first * per_block)
+                for first, count in self.zero_blocks]
+        runs += self.zero_frames
+        runs.sort()
+        merged: list[list[int]] = []
+        for first, count in runs:
+            if merged and merged[-1][0] + merged[-1][1] >= first:
+                merged[-1][1] = max(merged[-1][1], first + count - merged[-1][0])
+            else:
+                merged.append([first, count])
+        return tuple((first, count) for first, count in merged)
+
+    def unsent_bytes(self) -> int:
+        """Image bytes that a loop never sends (zero blocks and zero frames; the last frame may be short)."""
+        layout = self.layout
+        return sum(min((first + count) * layout.frame_size, layout.length) - first * layout.frame_size
+                   for first, count in self.unsent_frame_runs())
+
     def metadata_frames(self, *, payload_limit: int = METADATA_PAYLOAD_LIMIT) -> list[dict[str, object]]:
         """The metadata objects that together announce the manifest, each under `payload_limit` bytes encoded.
 
@@ -293,13 +368,27 @@ class Manifest:
         if self.fec:
             base["fec"] = FEC_SCHEME
         zero = self.zero_block_flags()
+        frame_runs = self._zero_frame_runs_by_block()
+        # Most checksums a frame carries (as before zero frames): a frame of a few blocks is re-sent often.
+        most = max(1, (payload_limit - 260) // 19)
         objects: list[dict[str, object]] = []
         first, total = 0, len(self.block_xxh3)
         while first < total:
-            # As many checksums as fit; zero runs take room too, so shrink until the encoding fits.
-            count = min(total - first, max(1, (payload_limit - 260) // 19))
+            # Blocks are added while an upper bound of the encoding fits (each block's runs counted whole: a
+            # block's checksum and its runs travel together); the exact encoding is then checked, and the
+            # count shrunk if it is over, which the bound should make impossible.
+            used = len(json.dumps(dict(base, xxh3={"first": first, "sums": []}, zero=[], zero_frames=[]), separators=(",", ":")))
+            count = 0
+            while first + count < total and count < most:
+                block = first + count
+                cost = 19 + (len(f"[{block},1],") if zero[block] else 0)
+                cost += sum(len(f"[{start},{length}],") for start, length in frame_runs.get(block, ()))
+                if count and used + cost > payload_limit:
+                    break
+                used += cost
+                count += 1
             while True:
-                fields = self._checksum_frame(base, first, count, zero)
+                fields = self._checksum_frame(base, first, count, zero, frame_runs)
                 if len(json.dumps(fields, separators=(",", ":"))) <= payload_limit:
                     break
                 if count == 1:
@@ -309,20 +398,33 @@ class Manifest:
             first += count
         return objects or [base]
 
-    def _checksum_frame(self, base: dict[str, object], first: int, count: int, zero: list[bool]) -> dict[str, object]:
+    def _zero_frame_runs_by_block(self) -> dict[int, list[tuple[int, int]]]:
+        per_block = self.layout.frames_per_block
+        runs: dict[int, list[tuple[int, int]]] = {}
+        for start, count in self.zero_frames:
+            runs.setdefault(start // per_block, []).append((start, count))
+        return runs
+
+    def _checksum_frame(self, base: dict[str, object], first: int, count: int, zero: list[bool],
+                        frame_runs: dict[int, list[tuple[int, int]]]) -> dict[str, object]:
         sums = [f"{value:016x}" for value in self.block_xxh3[first : first + count]]
         fields = dict(base, xxh3={"first": first, "sums": sums})
         runs = zero_runs_of(zero[first : first + count])
         if runs:
             fields["zero"] = [[first + start, length] for start, length in runs]
+        zero_frames = [[start, length] for block in range(first, first + count) for start, length in frame_runs.get(block, ())]
+        if zero_frames:
+            fields["zero_frames"] = zero_frames
         return fields
 
 
 class ManifestBuilder:
     """Hashes an image fed to it in order, in chunks of any size, and makes its `Manifest`.
 
-    One pass computes SHA-1, the per-block xxh3-64 and which blocks are all zeros, so a sender reads its image
-    once. Zero detection is exact (a byte comparison, not a hash), since a zero block is never sent.
+    One pass computes SHA-1, the per-block xxh3-64, which blocks are all zeros and, in the others, which frames
+    are, so a sender reads its image once. Zero detection is exact (a byte comparison, not a hash), since a zero
+    block or frame is never sent. Each block is copied into a buffer of one block for the frame scan, which
+    costs a block that holds no run of a frame's worth of zeros one C-level search (`_zero_frames_in`).
     """
 
     def __init__(self, *, name: str, format: str, frame_size: int, block_size: int | None = None, fec: bool | None = None) -> None:
@@ -331,12 +433,15 @@ class ManifestBuilder:
         if self._block_size % frame_size:
             raise ValueError("block size must be a multiple of the frame size")
         self._zeros = bytes(self._block_size)
+        self._zero_frame = bytes(frame_size)
         self._sha1 = hashlib.sha1()
         self._block = xxhash.xxh3_64()
+        self._block_bytes = bytearray(self._block_size)
         self._block_filled = 0
         self._block_is_zero = True
         self._sums: list[int] = []
         self._zero_flags: list[bool] = []
+        self._zero_frames: list[tuple[int, int]] = []
         self._length = 0
 
     def update(self, data: bytes | memoryview) -> None:
@@ -347,6 +452,7 @@ class ManifestBuilder:
             take = min(len(view), self._block_size - self._block_filled)
             piece = view[:take]
             self._block.update(piece)
+            self._block_bytes[self._block_filled : self._block_filled + take] = piece
             if self._block_is_zero:
                 self._block_is_zero = self._is_zero(piece)
             self._block_filled += take
@@ -363,6 +469,12 @@ class ManifestBuilder:
     def _end_block(self) -> None:
         self._sums.append(self._block.intdigest())
         self._zero_flags.append(self._block_is_zero)
+        if not self._block_is_zero:
+            frames = _zero_frames_in(self._block_bytes, self._block_filled, self._zero_frame)
+            if frames:
+                first = (len(self._sums) - 1) * (self._block_size // self._frame_size)
+                runs = sorted(_runs_of_indexes(frames), key=lambda run: -run[1])[:MAX_ZERO_FRAME_RUNS_PER_BLOCK]
+                self._zero_frames += sorted((first + start, count) for start, count in runs)
         self._block.reset()
         self._block_filled = 0
         self._block_is_zero = True
@@ -378,8 +490,44 @@ class ManifestBuilder:
             layout=layout,
             block_xxh3=tuple(self._sums),
             zero_blocks=zero_runs_of(self._zero_flags),
+            zero_frames=tuple(self._zero_frames),
             fec=self._fec,
         )
+
+
+def _zero_frames_in(block: bytearray, filled: int, zero_frame: bytes) -> list[int]:
+    """Indexes of the whole frames (of ``len(zero_frame)`` bytes) in ``block[:filled]`` that are all zeros.
+
+    One search for a frame's worth of zeros anywhere (C speed; random data has none), then frame by frame from
+    the first frame boundary at or after the match while frames are zeros, then a search again. A zero frame at
+    boundary ``s`` is itself a match, so no search from before ``s`` can pass it. The image's short last frame
+    is never one.
+    """
+    size = len(zero_frame)
+    found = []
+    match = block.find(zero_frame, 0, filled)
+    while match >= 0:
+        index = -(-match // size)
+        start = index * size
+        while start + size <= filled and block[start : start + size] == zero_frame:
+            found.append(index)
+            index += 1
+            start += size
+        if start + size > filled:
+            break
+        match = block.find(zero_frame, start + 1, filled)
+    return found
+
+
+def _runs_of_indexes(indexes: list[int]) -> list[tuple[int, int]]:
+    """``(first, count)`` runs of ascending distinct integers."""
+    runs: list[tuple[int, int]] = []
+    for index in indexes:
+        if runs and runs[-1][0] + runs[-1][1] == index:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((index, 1))
+    return runs
 
 
 def manifest_of(data: bytes, *, name: str = "image", format: str = "raw", frame_size: int = 1400, block_size: int | None = None,

@@ -25,6 +25,12 @@ forgotten by the assembly: the loop keeps receiving and takes it again from a la
 unless one block keeps coming back with the same wrong bytes (`MAX_SAME_CORRUPTION`: a faulty target or sender),
 or wrong at all `MAX_CORRUPT_REPEATS` times; and up to `MAX_IMAGE_MISMATCHES` times for the image.
 
+Zeros that are never sent (docs/PROTOCOL.md section 5): the metadata names all-zero blocks (``zero``, counted
+verified) and all-zero frames of the other blocks (``zero_frames``, counted held). The loop flushes the stage and
+makes them read as zeros on the target (`Target.zero_range`: holes in a file, BLKZEROOUT or zeros written on a
+device) before it reads back the blocks they complete, whose xxh3 covers the zeros (`zero_blocks`,
+`zero_frames` count them); blocks they make decodable with the parity held are recovered then.
+
 Parity (FEC, docs/PROTOCOL.md section 8): the assembly keeps the RaptorQ parity symbols that come for a block
 and says when the block's frames held and symbols held are enough to decode it (`ParityReceived.decodable`, or
 `DataReceived.decodable_block` when a data frame is the last piece). The loop then flushes the stage, reads
@@ -51,7 +57,10 @@ SHA-1 covers the whole image.
 
 Progress is shared by plain attributes (`phase`, `datagrams`, `metadata_frames`, the assembly's counters,
 `hashed_bytes`, `multicast_bytes`, `fetched_bytes`), written here and read by other tasks; no lock, since each
-is a single int or str. `deliver_block` is the one method other threads call (a deque append).
+is a single int or str. `deliver_block` is the one method other threads call (a deque append). A change of
+`phase` is also told to ``on_phase`` (from the pump's thread, so it must only hand the news over): a phase
+may last less than any polling interval, and the receive acts on some (the lease goes once the blocks are
+verified).
 
 Error handling: `run` raises `ReceiveError` subclasses: `TargetRefused` (from `open_target`), `StreamBroken`,
 `TargetIOError`, `TargetBoundsError`. It returns None when stopped before completion.
@@ -183,6 +192,8 @@ class PumpResult:
     """Their bytes."""
     zero_blocks: int
     """Blocks the stream announced as all zeros (never sent) and that were zeroed on the target."""
+    zero_frames: int = 0
+    """Frames of the other blocks the stream announced as all zeros (never sent), zeroed on the target."""
     parity_frames: int = 0
     """Parity frames kept by the assembly (FEC; those it had no use for are in `Assembly.parity_unused`)."""
     recovered_blocks: int = 0
@@ -217,7 +228,7 @@ class Pump:
     truncate a receive (what did not fit is counted in `truncated` and dropped).
     """
 
-    def __init__(self, *, sock: socket.socket, assembly: Assembly, open_target: Callable[[StreamMetadata], Target], expected: bytes | None = None, repairs: Repairs | None = None, stage_size: int = STAGE_SIZE, gro: bool = False, buffer_size: int = RECEIVE_BUFFER_SIZE, carousel_port: int | None = None) -> None:
+    def __init__(self, *, sock: socket.socket, assembly: Assembly, open_target: Callable[[StreamMetadata], Target], expected: bytes | None = None, repairs: Repairs | None = None, stage_size: int = STAGE_SIZE, gro: bool = False, buffer_size: int = RECEIVE_BUFFER_SIZE, carousel_port: int | None = None, on_phase: Callable[[Phase], None] | None = None) -> None:
         self.assembly = assembly
         self._carousel_port = carousel_port
         self._gro = gro
@@ -241,7 +252,8 @@ class Pump:
         self._fetched: collections.deque[tuple[int, bytes]] = collections.deque()
         self._resume_noted = False
         self.repairs = repairs
-        self.phase = Phase.WAITING
+        self._on_phase = on_phase
+        self._phase = Phase.WAITING
         self.datagrams = 0
         self.coalesced = 0
         """Receives that returned more than one datagram (UDP GRO)."""
@@ -256,6 +268,8 @@ class Pump:
         """Fetched blocks thrown away: verified by multicast meanwhile, or of the wrong length."""
         self.zero_blocks = 0
         """Blocks the stream announced as all zeros (never sent), zeroed on the target."""
+        self.zero_frames = 0
+        """Frames of the other blocks the stream announced as all zeros (never sent), zeroed on the target."""
         self.parity_frames = 0
         """Parity frames kept by the assembly (FEC)."""
         self.recovered_blocks = 0
@@ -289,6 +303,17 @@ class Pump:
     def heard_the_stream(self) -> bool:
         """Whether anything of the stream came by multicast: metadata, new data or duplicates (any thread)."""
         return bool(self.metadata_frames or self.multicast_bytes or self.assembly.duplicates)
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @phase.setter
+    def phase(self, phase: Phase) -> None:
+        if phase is not self._phase:
+            self._phase = phase
+            if self._on_phase is not None:
+                self._on_phase(phase)
 
     def deliver_block(self, block: int, data: bytes) -> None:
         """(Any thread.) The bytes of `block`, fetched out of band: the pump writes and judges them soon."""
@@ -329,6 +354,7 @@ class Pump:
                 fetched_blocks=self.fetched_blocks,
                 fetched_bytes=self.fetched_bytes,
                 zero_blocks=self.zero_blocks,
+                zero_frames=self.zero_frames,
                 parity_frames=self.parity_frames,
                 recovered_blocks=self.recovered_blocks,
                 recovered_frames=self.recovered_frames,
@@ -486,15 +512,25 @@ class Pump:
                         if event.zero_blocks:
                             flush()  # staged bytes of those blocks must not land on the zeros afterwards
                             self._zero_blocks(event.zero_blocks)
+                        if event.zero_frames:
+                            flush()  # before the blocks they complete (in blocks_to_check) are read back
+                            self._zero_frames(event.zero_frames)
+                        mismatches = self._image_mismatches
                         if event.blocks_to_check:
                             flush()
-                            mismatches = self._image_mismatches
                             for block in event.blocks_to_check:
                                 self._check_block(block)
                                 if self._verified_sha1 is not None:
                                     return
                                 if self._image_mismatches != mismatches:
                                     break  # the image was forgotten: the other blocks are no longer complete
+                        for block in event.blocks_to_recover:  # zero frames made them decodable with parity held
+                            if self._image_mismatches != mismatches:
+                                break  # the image was forgotten, parity with it
+                            flush()
+                            self._recover_block(block)
+                            if self._verified_sha1 is not None:
+                                return
                         if assembly.state is AssemblyState.VERIFYING_IMAGE:
                             self._finish_image()  # an empty image: verified by its metadata alone
                             if self._verified_sha1 is not None:
@@ -578,6 +614,16 @@ class Pump:
             for block in range(first, last + 1):
                 cursor.verified(block, None)
         self.zero_blocks += len(blocks)
+
+    def _zero_frames(self, runs: tuple[tuple[int, int], ...]) -> None:
+        """Frames the stream announced as zeros (never sent), already counted held by the assembly: make them read
+        as zeros on the target (a hole in a file, BLKZEROOUT or written zeros on a device; unaligned edges are
+        the target's business). Their blocks are checked by xxh3 like any, zeros included, once complete."""
+        layout = self.assembly.layout
+        for first, count in runs:
+            start = first * layout.frame_size
+            self._target.zero_range(start, min((first + count) * layout.frame_size, layout.length) - start)
+            self.zero_frames += count
 
     def _check_block(self, block: int) -> None:
         cursor = self._sha1_cursor()

@@ -6,10 +6,11 @@ by content like the converted images, so it is computed once per image content, 
 a server that starts again announces its streams without reading the images. The image name is not part of
 the cache entry (two names for the same bytes share it); it is set when the manifest is loaded.
 
-An entry holds everything the stream announces, zero blocks included (``"zero_blocks": [[first, count], ...]``,
-the runs of `Manifest.zero_blocks`): those blocks are never sent, so an entry that lost them would make the
-sender send gigabytes of zeros. Entries of an older `_FORMAT_VERSION` (version 1 had no zero blocks) are
-ignored and rebuilt, never loaded with the field missing.
+An entry holds everything the stream announces, zero blocks and zero frames included (``"zero_blocks":
+[[first, count], ...]`` and ``"zero_frames": [[first frame, count], ...]``, the runs of `Manifest.zero_blocks`
+and `Manifest.zero_frames`): those are never sent, so an entry that lost them would make the sender send
+gigabytes of zeros. Entries of an older `_FORMAT_VERSION` (version 1 had no zero blocks, version 2 no zero
+frames) are ignored and rebuilt, never loaded with a field missing.
 """
 
 from __future__ import annotations
@@ -21,15 +22,21 @@ import logging
 import threading
 from pathlib import Path
 
-from vmcast.protocol import Layout, Manifest, ManifestBuilder
+from vmcast.protocol import (
+    MAX_ZERO_FRAME_RUNS_PER_BLOCK,
+    Layout,
+    Manifest,
+    ManifestBuilder,
+)
 
 from .errors import ImageChanged
 from .files import FileIdentity, read_in_chunks, write_atomically
 
 log = logging.getLogger(__name__)
 
-# 2: zero blocks. Bump it whenever an entry's meaning changes, so that old entries are rebuilt, not misread.
-_FORMAT_VERSION = 2
+# 2: zero blocks; 3: zero frames. Bump it whenever an entry's meaning changes, so that old entries are
+# rebuilt, not misread.
+_FORMAT_VERSION = 3
 _XXH3_HEX_DIGITS = 16
 # Manifests used lately are also kept in memory, so that joining a running stream does not parse its JSON
 # again (19 MB for a 1 TiB image). Each costs about 36 bytes per block: 36 MB for 1 TiB.
@@ -103,7 +110,8 @@ class ManifestStore:
                 block_xxh3=tuple(
                     int(sums[start : start + _XXH3_HEX_DIGITS], 16) for start in range(0, len(sums), _XXH3_HEX_DIGITS)
                 ),
-                zero_blocks=_parse_zero_runs(fields["zero_blocks"], block_count=layout.block_count),
+                zero_blocks=(zero_blocks := _parse_zero_runs(fields["zero_blocks"], block_count=layout.block_count)),
+                zero_frames=_parse_zero_frame_runs(fields["zero_frames"], layout=layout, zero_blocks=zero_blocks),
             )
         except FileNotFoundError:
             return None
@@ -129,6 +137,7 @@ class ManifestStore:
             # One hex string rather than a list: a 1 TiB image has a million blocks.
             "block_xxh3": "".join(f"{value:016x}" for value in manifest.block_xxh3),
             "zero_blocks": [[first, count] for first, count in manifest.zero_blocks],
+            "zero_frames": [[first, count] for first, count in manifest.zero_frames],
         }
         write_atomically(
             self._entry(key=key, format=manifest.format, frame_size=layout.frame_size), json.dumps(fields).encode()
@@ -153,6 +162,38 @@ def _parse_zero_runs(value: object, *, block_count: int) -> tuple[tuple[int, int
         first, count = item
         if count < 1 or first < end_of_previous or first + count > block_count:
             raise ValueError(f"zero block run {item!r} overlaps another or reaches past block {block_count - 1}")
+        runs.append((first, count))
+        end_of_previous = first + count
+    return tuple(runs)
+
+
+def _parse_zero_frame_runs(value: object, *, layout: Layout, zero_blocks: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    """The zero-frame runs of a cache entry: ascending, apart, each inside one block that is not a zero block,
+    at most `MAX_ZERO_FRAME_RUNS_PER_BLOCK` per block (what `ManifestBuilder` makes). `ValueError` otherwise.
+
+    A run that is wrong would make the sender skip frames that hold data, so nothing doubtful is accepted.
+    """
+    if not isinstance(value, list):
+        raise ValueError("'zero_frames' is not a list")
+    zero: set[int] = set()
+    for first, count in zero_blocks:
+        zero.update(range(first, first + count))
+    per_block = layout.frames_per_block
+    runs: list[tuple[int, int]] = []
+    runs_in_block: collections.Counter[int] = collections.Counter()
+    end_of_previous = 0
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 2 and all(type(number) is int for number in item)):
+            raise ValueError(f"zero frame run {item!r} is not a [first, count] pair")
+        first, count = item
+        block = first // per_block
+        if count < 1 or first < end_of_previous or first + count > min((block + 1) * per_block, layout.frame_count):
+            raise ValueError(f"zero frame run {item!r} overlaps another or leaves its block")
+        if block in zero:
+            raise ValueError(f"zero frame run {item!r} lies in a zero block")
+        runs_in_block[block] += 1
+        if runs_in_block[block] > MAX_ZERO_FRAME_RUNS_PER_BLOCK:
+            raise ValueError(f"block {block} has more than {MAX_ZERO_FRAME_RUNS_PER_BLOCK} zero frame runs")
         runs.append((first, count))
         end_of_previous = first + count
     return tuple(runs)

@@ -104,7 +104,7 @@ class StreamStatus:
     frame_size: int
     block_size: int
     zero_bytes: int
-    """Bytes of the image in all-zero blocks: announced in metadata, never sent (docs/PROTOCOL.md 3-4)."""
+    """Bytes of the image in all-zero blocks and frames: announced in metadata, never sent (docs/PROTOCOL.md 3-4)."""
     references: int
     rate_bps: int
     created_at: float
@@ -607,12 +607,8 @@ class Registry:
 
 
 def zero_bytes_of(manifest: Manifest) -> int:
-    """How many of the image's bytes lie in its zero blocks (the last block may be short)."""
-    layout = manifest.layout
-    return sum(
-        min((first + count) * layout.block_size, layout.length) - first * layout.block_size
-        for first, count in manifest.zero_blocks
-    )
+    """How many of the image's bytes a loop never sends: its zero blocks and zero frames."""
+    return manifest.unsent_bytes()
 
 
 def _stored_lease(lease: Lease) -> StoredLease:

@@ -100,7 +100,7 @@ class StreamStarted(_Model):
     block_size: int = Field(description="Bytes per checksum block.")
     zero_bytes: int = Field(
         0,
-        description="Bytes of the image in all-zero blocks: metadata names them and they are never sent, so a loop carries `len - zero_bytes` bytes of data.",
+        description="Bytes of the image in all-zero blocks and all-zero frames: metadata names them and they are never sent, so a loop carries `len - zero_bytes` bytes of data.",
     )
     fec: str | None = Field(
         None,
@@ -167,7 +167,7 @@ class Stream(_Model):
     sha1: str = Field(pattern=_SHA1)
     frame_size: int
     block_size: int
-    zero_bytes: int = Field(0, description="Bytes of the image in all-zero blocks, which are never sent.")
+    zero_bytes: int = Field(0, description="Bytes of the image in all-zero blocks and frames, which are never sent.")
     fec: str | None = Field(None, description='The parity scheme the stream announces ("raptorq"), null: none.')
     references: int = Field(description="Leases holding the stream; it stops when the last is released.")
     waiting_for: int = Field(0, description="Receivers the stream still holds for before its first loop (0: it streams).")

@@ -16,7 +16,9 @@ receivers must learn the frame size from data (section 4), and it sends every fr
 announces ``zero``). The receiver verifies by SHA-1 only; it validates the type and range of every field the
 document defines (and detects conflicts on them), ignores unknown fields, and never checks XXH3 block sums (it has
 no XXH3 implementation). It honours ``zero`` (section 5, "Zero blocks"): a block named there reads as zeros in the
-output and counts as received, since its data frames never come; the whole-image SHA-1 still covers it.
+output and counts as received, since its data frames never come; the whole-image SHA-1 still covers it. It honours
+``zero_frames`` (section 5, "Zero frames") the same way, frame by frame: a frame named there that is not held reads
+as zeros and counts as received.
 
 Importable pieces (``from tests.interop.minimal_peer import ...``):
 
@@ -229,6 +231,30 @@ def parse_metadata(payload: bytes) -> dict:
                 raise MalformedMetadata("a zero run's count must be >= 1")
             if start < low or start + count > high:
                 raise MalformedMetadata("a zero run reaches outside this frame's xxh3 blocks")
+    if "zero_frames" in obj:
+        # Section 3: [[frame, count], ...] runs, ascending and apart, inside the frames of this frame's xxh3
+        # blocks, none in a block this frame's `zero` names.
+        if "xxh3" not in obj or "frame" not in obj:
+            raise MalformedMetadata("zero_frames without xxh3")
+        runs = obj["zero_frames"]
+        if not isinstance(runs, list):
+            raise MalformedMetadata("zero_frames must be an array")
+        per_block = obj["block"] // obj["frame"]
+        low = obj["xxh3"]["first"] * per_block
+        high = min((obj["xxh3"]["first"] + len(obj["xxh3"]["sums"])) * per_block, -(-length // obj["frame"]))
+        zero_blocks = {j for start, count in obj.get("zero", []) for j in range(start, start + count)}
+        after_previous = low
+        for run in runs:
+            if not (isinstance(run, list) and len(run) == 2 and _is_int(run[0]) and _is_int(run[1])):
+                raise MalformedMetadata("each zero_frames run is [frame, count], two integers")
+            start, count = run
+            if count < 1:
+                raise MalformedMetadata("a zero_frames run's count must be >= 1")
+            if start < after_previous or start + count > high:
+                raise MalformedMetadata("zero_frames runs must be ascending, apart, inside this frame's xxh3 blocks")
+            if any(k // per_block in zero_blocks for k in range(start, start + count)):
+                raise MalformedMetadata("a zero_frames run lies in a block named in zero")
+            after_previous = start + count
     for informational in ("name", "format"):
         if informational in obj and not isinstance(obj[informational], str):
             raise MalformedMetadata(f"{informational} must be a string")
@@ -260,6 +286,8 @@ class Receiver:
         self.block: int | None = None
         self.block_sums: dict[int, str] = {}
         self.zero_blocks: set[int] = set()  # blocks metadata named in `zero` (kept, like all metadata)
+        self.zero_frames: set[int] = set()  # frames metadata named in `zero_frames` (kept too)
+        self.zeroed_frames = 0  # of those, frames not held that were made zeros and counted received
         self.held: bytearray | None = None  # one byte per frame, 1 = held
         self.dirty: bytearray | None = None  # one byte per frame, 1 = payload bytes written there (not zeros)
         self.held_count = 0
@@ -281,6 +309,7 @@ class Receiver:
             "frame_size": self.frame,
             "len": self.length,
             "zero_blocks": len(self.zero_blocks),
+            "zero_frames": self.zeroed_frames,
         }
 
     # -- datagrams -----------------------------------------------------------------------------------
@@ -351,6 +380,14 @@ class Receiver:
                         self.zero_blocks.add(j)
                         if self.frame is not None:
                             self._apply_zero_block(j)
+        if "zero_frames" in meta:
+            # Section 5, "Zero frames": their data never comes; they read as zeros and count as received.
+            for start, count in meta["zero_frames"]:
+                for k in range(start, start + count):
+                    if k not in self.zero_frames:
+                        self.zero_frames.add(k)
+                        if self.frame is not None:
+                            self._apply_zero_frame(k)
         return self._check_complete()
 
     def _prepare_target(self) -> None:
@@ -369,6 +406,8 @@ class Receiver:
         self.held_count = 0
         for j in sorted(self.zero_blocks):  # named before F was known (nothing was written yet)
             self._apply_zero_block(j)
+        for k in sorted(self.zero_frames):
+            self._apply_zero_frame(k)
 
     def _apply_zero_block(self, j: int) -> None:
         """Block ``j`` was named in ``zero``: make it read as zeros and count its frames as held, unless every
@@ -397,6 +436,18 @@ class Receiver:
             if all(b in self.zero_blocks for b in range(lo // block, (hi - 1) // block + 1)):
                 self.held[k] = 1
                 self.held_count += 1
+
+    def _apply_zero_frame(self, k: int) -> None:
+        """Frame ``k`` was named in ``zero_frames``: unless held (then the SHA-1 judges its bytes), make it read as
+        zeros and count it as held. Metadata names frames by the frame size it states, which is ours (rule 3)."""
+        if k >= self.frames or self.held[k]:
+            return
+        if self.dirty[k]:
+            self._zero_range(k * self.frame, min((k + 1) * self.frame, self.length))
+            self.dirty[k] = 0
+        self.held[k] = 1
+        self.held_count += 1
+        self.zeroed_frames += 1
 
     def _zero_range(self, start: int, end: int) -> None:
         chunk = bytes(min(end - start, 1 << 20))
@@ -471,6 +522,8 @@ class Receiver:
             self.held_count = 0
             for j in sorted(self.zero_blocks):
                 self._apply_zero_block(j)
+            for k in sorted(self.zero_frames):
+                self._apply_zero_frame(k)
         return False
 
 
@@ -536,7 +589,7 @@ def run_sender(
     Stops after ``loops`` loops, or after ``seconds`` seconds (possibly mid-loop), or never if neither is given
     (until SIGINT/SIGTERM when run as a script). ``rate_mbit`` paces the UDP payload bytes (header included).
     ``extra_metadata`` (for tests only) adds fields to the otherwise minimal metadata. This sender always sends
-    every frame: it never skips blocks, so it must not be used to announce ``zero``.
+    every frame: it never skips blocks or frames, so it must not be used to announce ``zero`` or ``zero_frames``.
     """
     cookie = parse_cookie(cookie)
     if not 1 <= frame <= MAX_FRAME:
@@ -544,8 +597,8 @@ def run_sender(
     with open(path, "rb") as f:
         image = f.read()
     meta = {"sha1": hashlib.sha1(image).hexdigest(), "len": len(image)}
-    if extra_metadata and "zero" in extra_metadata:
-        raise ValueError("a minimal sender sends every frame, so it never announces zero blocks")
+    if extra_metadata and ("zero" in extra_metadata or "zero_frames" in extra_metadata):
+        raise ValueError("a minimal sender sends every frame, so it never announces zero blocks or frames")
     if extra_metadata:
         meta.update(extra_metadata)
     meta_datagram = encode_metadata(cookie, meta)

@@ -49,7 +49,16 @@ class MemoryReceiver:
         if isinstance(event, MetadataReceived):
             if event.first_metadata and len(self.disk) < event.metadata.length:
                 self.disk.extend(bytes(event.metadata.length - len(self.disk)))
+            layout = self.assembly.layout
+            for block in event.zero_blocks:  # what the target's zero_range does (the disk may hold old bytes)
+                start, end = layout.block_span(block)
+                self.disk[start:end] = bytes(end - start)
+            for first, count in event.zero_frames:  # before the blocks they complete are checked
+                start, end = first * layout.frame_size, min((first + count) * layout.frame_size, layout.length)
+                self.disk[start:end] = bytes(end - start)
             ready = event.blocks_to_check
+            for block in event.blocks_to_recover:
+                ready += self._recover(block)
         elif isinstance(event, DataReceived):
             payload = bytes(event.payload)
             if damage_write is not None:

@@ -201,3 +201,50 @@ def test_a_device_held_by_another_device_is_refused(loop_device, tmp_path):
     (tmp_path / "sys" / "dev" / "block" / number).symlink_to(fake_device)
     with pytest.raises(TargetRefused, match="held by dm-7"):
         open_target(device, length=MiB, force=False, sys_root=tmp_path / "sys")
+
+
+# -- zero_range: what zero blocks and zero frames (docs/PROTOCOL.md section 5) become on the target ---------------
+
+
+# Frame-sized ranges (1,400 bytes) start and end anywhere in a 4 KiB page or a 512-byte sector.
+UNALIGNED_RANGES = [(1400, 2800), (4096 - 1400, 1400), (3 * 1400, 749 * 1400), (MiB - 7, 1400 * 3 + 11)]
+
+
+def check_zero_range(target: Target, path: str, size: int) -> None:
+    data = bytearray(os.urandom(size))
+    target.pwrite(data, 0)
+    for offset, length in UNALIGNED_RANGES:
+        target.zero_range(offset, length)
+        data[offset : offset + length] = bytes(length)
+    target.sync()
+    with open(path, "rb") as written:
+        assert written.read(size) == data  # the bytes around each range are untouched
+
+
+def test_zero_range_zeroes_unaligned_ranges_of_a_file_and_leaves_the_rest(tmp_path):
+    path = tmp_path / "image.raw"
+    with open_target(path, length=4 * MiB, force=False) as target:
+        check_zero_range(target, str(path), 4 * MiB)
+
+
+def test_zero_range_zeroes_unaligned_ranges_of_a_block_device_and_leaves_the_rest(loop_device):
+    device = loop_device(4 * MiB)
+    with open_target(device, length=4 * MiB, force=False) as target:
+        check_zero_range(target, device, 4 * MiB)
+
+
+def test_zero_range_of_a_whole_region_of_a_file_leaves_a_hole(tmp_path):
+    path = tmp_path / "image.raw"
+    with open_target(path, length=8 * MiB, force=False) as target:
+        target.pwrite(os.urandom(8 * MiB), 0)
+        target.sync()
+        target.zero_range(1400, 6 * MiB)  # unaligned at both ends, as a run of zero frames is
+        target.sync()
+    allocated = os.stat(path).st_blocks * 512
+    assert allocated <= 2 * MiB + 2 * 4096, f"{allocated} bytes still allocated"
+    assert path.read_bytes()[1400 : 1400 + 6 * MiB] == bytes(6 * MiB)
+
+
+def test_zero_range_stops_at_the_image_length(tmp_path):
+    with open_target(tmp_path / "image.raw", length=10, force=False) as target, pytest.raises(TargetBoundsError):
+        target.zero_range(8, 3)

@@ -1,5 +1,6 @@
-"""Zero blocks end to end on the server: detected when the manifest is made, kept in its cache, announced in
-metadata, and never sent (docs/PROTOCOL.md sections 3 and 4), heard on real loopback multicast."""
+"""Zero blocks (and the zero frames of a block that is not all zeros) end to end on the server: detected when
+the manifest is made, kept in its cache, announced in metadata, and never sent (docs/PROTOCOL.md sections 3 and
+4), heard on real loopback multicast."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def test_zero_blocks_are_announced_and_never_sent_and_a_loop_carries_only_the_ot
     started = client.post("/v1/streams", json={"image": "sparse.raw"})
     assert started.status_code == 201, started.text
     stream = started.json()
-    zero_bytes = 2 * BLOCK + BLOCK // 3
+    zero_bytes = 2 * BLOCK + BLOCK // 3 + 748 * FRAME  # the zero blocks, and block 3's zero frames
     assert stream["zero_bytes"] == zero_bytes
     listener = listen(stream["group"], stream["port"], stream["cookie"])
     heard = listener.listen(1.2)  # about four loops of the 3.1 MB that are not zeros
@@ -56,15 +57,21 @@ def test_zero_blocks_are_announced_and_never_sent_and_a_loop_carries_only_the_ot
 
     data_frames = [item for item in heard if not item.is_metadata]
     assert not [item.offset for item in data_frames if item.offset // BLOCK in ZERO_BLOCKS], "a zero block was sent"
-    # Block 3 is zeros but for its last byte: exactly detected, so sent like any other.
-    assert any(item.offset // BLOCK == 3 for item in data_frames)
+    # Block 3 is zeros but for its last byte: exactly detected, so not a zero block; its other 748 frames are
+    # zero frames (announced in "zero_frames"), so only its last frame is sent.
+    assert {item.offset for item in data_frames if item.offset // BLOCK == 3} == {3 * BLOCK + 748 * FRAME}
+    zero_frame_runs = {tuple(run) for fields in metadata for run in fields.get("zero_frames", [])}
+    assert zero_frame_runs == {(3 * 749, 748)}
 
     # One loop, from one start of the carousel (block 1's first frame, the first frame not in a zero block) to
     # the next: every frame outside the zero blocks once, nothing else but metadata.
     starts = [index for index, item in enumerate(heard) if item.offset == BLOCK]
     assert len(starts) >= 3, f"at least two whole loops heard, got {len(starts) - 1}"
     nonzero_bytes = len(data) - zero_bytes
-    expected_offsets = [offset for offset in range(0, len(data), FRAME) if offset // BLOCK not in ZERO_BLOCKS]
+    expected_offsets = [
+        offset for offset in range(0, len(data), FRAME)
+        if offset // BLOCK not in ZERO_BLOCKS and not (offset // BLOCK == 3 and offset < 3 * BLOCK + 748 * FRAME)
+    ]
     for begin, end in itertools.pairwise(starts):
         loop = heard[begin:end]
         loop_data = [item for item in loop if not item.is_metadata]
