@@ -69,13 +69,13 @@ __all__ = [
 VMCAST_COMMAND = [sys.executable, "-m", "vmcast.server.cli"]
 API_PORT = 8470
 MULTICAST_PORT = 8471
-# The link rate itself, Ethernet headers accounted for: the pacer's bucket (4 ms of its rate) fits the tbf's
-# (4 ms of the link's), so a burst waits in the tbf's 50 ms queue at worst, and metadata frames are too few
+# The link rate itself, Ethernet headers accounted for: the pacer's bursts (2 ms of its rate, up to 12 ms when
+# it makes up a late wake-up) wait in the tbf's 50 ms queue at worst, and metadata frames are too few
 # (~700 per GiB) to lift the long-run rate over the link. Measured on the bed (1 GiB, 4 receivers, 300 Mbit/s,
 # 0% loss, 2 or 3 runs each): 0.98 -> 35.74/35.24 s until all verified, 0.995 -> 34.79/36.28/35.66 s,
 # 1.0 -> 34.89/34.36/34.48 s; no tbf drops, kernel drops or duplicates at any of them (at 1.0 ~1-2k packets
 # waited in the sender's uplink queue, a handful in the downlinks'). The spread comes from the sender, which
-# delivers 92-97% of its --rate on the shared cores, not from the fraction.
+# delivered 92-97% of its --rate on the shared cores before its bucket made up late wake-ups (now 100%).
 VMCAST_RATE_FRACTION = 1.0
 FRAME_HEADER_BYTES = 16  # vmcast.protocol.HEADER_SIZE (cookie + offset)
 IPV4_HEADER_BYTES = 20

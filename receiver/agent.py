@@ -6,7 +6,10 @@ One nursery owns every task:
   the state saved).
 * ``_hold_lease`` (server mode): takes the lease before its ``started()``, renews it every third of its
   TTL (taking it again, on the same stream, should it have ended), and releases it when cancelled
-  (shielded, bounded by `RELEASE_TIMEOUT`), whatever ended the receive.
+  (shielded, bounded by `RELEASE_TIMEOUT`), whatever ended the receive; and as soon as every block is
+  verified (the pump's phase, `_StreamNeed`): the final SHA-1 and sync read the target only, and a stream
+  whose last receiver this was stops sooner (taken again, on the same stream, should the SHA-1 send the
+  pump back).
 * ``_run_pump``: runs `Pump.run` in one worker thread; when it returns (verified, failed or stopped) it
   cancels the nursery. The socket is bound and the group joined before it starts, and before `receive`
   calls ``task_status.started()``: from then on datagrams queue in the socket buffer. In server mode the
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import signal
 import threading
 import time
@@ -92,6 +96,8 @@ RENEWALS_PER_TTL = 3
 
 # The watchdog looks this often (at most) whether the stream moved.
 WATCHDOG_INTERVAL = 0.25
+# After a failed attempt to take the stream again (server unreachable), the next is this much later.
+RETAKE_AFTER = 1.0
 
 # Joining on INADDR_ANY lets the kernel pick the interface from its routing table.
 ANY_INTERFACE = "0.0.0.0"
@@ -206,6 +212,10 @@ class ReceiveResult:
     """Image name, in server mode."""
     format: str | None = None
     """Format of the bytes received (raw, qcow2), as the lease or the stream said."""
+    zero_blocks: int = 0
+    """Blocks the stream announced as all zeros (never sent), zeroed on the target."""
+    zero_frames: int = 0
+    """All-zero frames of the other blocks the stream announced (never sent), zeroed on the target."""
     pump_cpu_seconds: float = 0.0
     """CPU time of the datagram loop's thread (hashing runs in another)."""
     resumed_blocks: int = 0
@@ -272,6 +282,8 @@ class ReceiveResult:
             "corrupt_blocks": self.corrupt_blocks,
             "image_mismatches": self.image_mismatches,
             "kernel_drops": self.kernel_drops,
+            "zero_blocks": self.zero_blocks,
+            "zero_frames": self.zero_frames,
             "pump_cpu_seconds": round(self.pump_cpu_seconds, 3),
             "resumed_blocks": self.resumed_blocks,
             "bytes_received": self.bytes_received,
@@ -305,6 +317,33 @@ class _Outcome:
             self.error = error
 
 
+class _StreamNeed:
+    """Whether the receive still needs the stream: not once every block is verified (what remains, the SHA-1
+    of the whole image and the sync, reads the target only), again if that SHA-1 sends the pump back."""
+
+    def __init__(self) -> None:
+        self.needed = True
+        self._changed = trio.Event()
+
+    def update(self, needed: bool) -> None:
+        if needed != self.needed:
+            self.needed = needed
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+
+    def follower(self) -> Callable[[Phase], None]:
+        """What the pump's thread calls at each change of phase: hands the news to this trio run, in order."""
+        token = trio.lowlevel.current_trio_token()
+
+        def follow(phase: Phase) -> None:
+            token.run_sync_soon(self.update, phase in (Phase.WAITING, Phase.RECEIVING))
+
+        return follow
+
+
 @dataclass(slots=True)
 class _Run:
     """What the tasks of one receive share, and what `receive` needs once they have all ended."""
@@ -316,6 +355,7 @@ class _Run:
     """The target opened before the pump (server mode); without a server, the pump opens it."""
     repairs: Repairs | None = None
     fallback: FallbackStats = field(default_factory=FallbackStats)
+    need: _StreamNeed = field(default_factory=_StreamNeed)
 
     def current_target(self) -> Target | None:
         if self.target is not None:
@@ -394,7 +434,7 @@ async def _start(run: _Run, nursery: trio.Nursery, resources: AsyncExitStack, ou
     log.info("joined %s:%d on %s, receive buffer %d bytes, UDP GRO %s", group, port, interface, group_socket.rcvbuf, gro)
     assembly = Assembly(cookie=source.cookie, checkpoint=source.plan.checkpoint)
     pump = Pump(sock=group_socket.sock, assembly=assembly, open_target=source.open_target, expected=source.expected, repairs=run.repairs, gro=group_socket.gro,
-                carousel_port=source.lease.carousel_port if source.lease is not None else None)
+                carousel_port=source.lease.carousel_port if source.lease is not None else None, on_phase=run.need.follower())
     run.pump = pump
     lease = source.lease
     fallback = lease is not None and request.fallback_after is not None
@@ -421,7 +461,7 @@ async def _from_lease(run: _Run, source: FromServer, nursery: trio.Nursery, reso
     request = run.request
     client = await resources.enter_async_context(httpx.AsyncClient())
     leases = LeaseClient(server=source.server, client=client)
-    lease: Lease = await nursery.start(_hold_lease, leases, source, outcome, nursery.cancel_scope)
+    lease: Lease = await nursery.start(_hold_lease, leases, source, run.need, outcome, nursery.cancel_scope)
     log.info("lease %s: image %s (%d bytes) on %s:%d", lease.lease_id, lease.image, lease.length, lease.group, lease.port)
     state = await trio.to_thread.run_sync(read_state, request.output)
     plan = plan_for_lease(
@@ -587,6 +627,8 @@ async def _run_pump(run: _Run, group_socket: GroupSocket, outcome: _Outcome, can
                 kernel_drops=kernel_drops(group_socket.sock),
                 image=image,
                 format=image_format,
+                zero_blocks=result.zero_blocks,
+                zero_frames=result.zero_frames,
                 pump_cpu_seconds=result.cpu_seconds,
                 resumed_blocks=result.resumed_blocks,
                 bytes_received=result.multicast_bytes + result.fetched_bytes,
@@ -656,39 +698,72 @@ async def _watchdog(pump: Pump, outcome: _Outcome, timeout: float, group_socket:
             return
 
 
-async def _hold_lease(leases: LeaseClient, source: FromServer, outcome: _Outcome, cancel_scope: trio.CancelScope, *, task_status: trio.TaskStatus[Lease]) -> None:
-    image, format = source.image, source.format
-    lease = await leases.acquire(image=image, format=format, min_receivers=source.min_receivers, max_wait=source.max_wait)
+async def _hold_lease(leases: LeaseClient, source: FromServer, need: _StreamNeed, outcome: _Outcome, cancel_scope: trio.CancelScope, *, task_status: trio.TaskStatus[Lease]) -> None:
+    first = await leases.acquire(image=source.image, format=source.format, min_receivers=source.min_receivers, max_wait=source.max_wait)
+    lease: Lease | None = first
     try:
-        task_status.started(lease)
-        if lease.lease_ttl is None:
-            await trio.sleep_forever()  # a server without lease expiry: hold it until released
+        task_status.started(first)
         while True:
-            await trio.sleep(lease.lease_ttl / RENEWALS_PER_TTL)
+            if not need.needed:
+                await _release(leases, lease)
+                lease = None
+                while not need.needed:
+                    await need.changed()
+                log.info("the pump needs the stream again; taking a lease")
+                while lease is None:
+                    try:
+                        lease = await _take_again(leases, source, first, outcome, cancel_scope)
+                    except ReceiveError as error:
+                        log.warning("could not take the stream again (retrying): %s", error)
+                        await trio.sleep(RETAKE_AFTER)
+                        continue
+                    if lease is None:
+                        return
+            with trio.move_on_after(lease.lease_ttl / RENEWALS_PER_TTL if lease.lease_ttl else math.inf):
+                await need.changed()
+                continue
             try:
                 if await leases.renew(lease.lease_id):
                     continue
-                log.warning("lease %s ended before its renewal; taking the stream again", lease.lease_id)
-                again = await leases.acquire(image=image, format=format)
             except ReceiveError as error:  # the next renewal may well get through: the TTL allows for it
                 log.warning("could not renew lease %s: %s", lease.lease_id, error)
                 continue
-            if not again.same_stream_as(lease):
-                lease = again  # released below
-                outcome.fail(StreamBroken(reason=f"the lease on {image} ended, and the stream that replaced it is another (group {again.group}:{again.port}, sha1 {again.sha1})"))
-                cancel_scope.cancel()
+            log.warning("lease %s ended before its renewal; taking the stream again", lease.lease_id)
+            try:
+                again = await _take_again(leases, source, first, outcome, cancel_scope)
+            except ReceiveError as error:  # the ended lease is kept: its next renewal fails and retries this
+                log.warning("could not take the stream again: %s", error)
+                continue
+            if again is None:
                 return
             lease = again
     finally:
-        with trio.move_on_after(RELEASE_TIMEOUT, shield=True) as scope:
-            try:
-                await leases.release(lease.lease_id)
-            except ReceiveError as error:
-                log.warning("could not release lease %s: %s", lease.lease_id, error)
-            else:
-                log.info("released lease %s", lease.lease_id)
-        if scope.cancelled_caught:
-            log.warning("could not release lease %s within %g s", lease.lease_id, RELEASE_TIMEOUT)
+        if lease is not None:
+            await _release(leases, lease)
+
+
+async def _take_again(leases: LeaseClient, source: FromServer, first: Lease, outcome: _Outcome, cancel_scope: trio.CancelScope) -> Lease | None:
+    """A new lease on the stream of `first`; None (the receive failed, and the new lease was released) if the
+    stream that answers is another one. `ReceiveError` when the server cannot be asked."""
+    again = await leases.acquire(image=source.image, format=source.format)
+    if again.same_stream_as(first):
+        return again
+    await _release(leases, again)
+    outcome.fail(StreamBroken(reason=f"the lease on {source.image} ended, and the stream that replaced it is another (group {again.group}:{again.port}, sha1 {again.sha1})"))
+    cancel_scope.cancel()
+    return None
+
+
+async def _release(leases: LeaseClient, lease: Lease) -> None:
+    with trio.move_on_after(RELEASE_TIMEOUT, shield=True) as scope:
+        try:
+            await leases.release(lease.lease_id)
+        except ReceiveError as error:
+            log.warning("could not release lease %s: %s", lease.lease_id, error)
+        else:
+            log.info("released lease %s", lease.lease_id)
+    if scope.cancelled_caught:
+        log.warning("could not release lease %s within %g s", lease.lease_id, RELEASE_TIMEOUT)
 
 
 async def _say_joined(leases: LeaseClient, lease: Lease) -> None:

@@ -7,6 +7,7 @@ and receiver are tested together in tests/e2e.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 
@@ -253,3 +254,20 @@ async def test_the_lease_is_released_when_the_receive_is_cancelled(lease_server,
     with trio.move_on_after(0.5):
         await receive(leased(lease_server, tmp_path / "out.raw"))
     assert lease_server.released == list(lease_server.leases) and lease_server.released
+
+
+async def test_the_lease_is_released_once_every_block_is_verified_and_taken_again_if_the_sha1_sends_the_pump_back(image, lease_server, make_sender, tmp_path):
+    # Every block matches its xxh3, but the stream (and its lease) announce a wrong SHA-1 for the whole: the
+    # lease goes as soon as the blocks are verified, the SHA-1 then fails, the pump takes the image again and
+    # needs the stream again, so the same stream is leased again; in the end the receive fails, never verified.
+    sender = make_sender(image, rate=20e6)
+    sender.manifest = dataclasses.replace(sender.manifest, sha1="e" * 40)  # what the lease answer announces
+    sender.carousel.metadata_datagrams = tuple(
+        encode_metadata(sender.cookie, fields) for fields in sender.manifest.metadata_frames()
+    )
+    lease_server.streams["test-image"] = sender.start()
+    with pytest.raises(StreamBroken, match="sha1"):
+        await receive(leased(lease_server, tmp_path / "out.raw"))
+    assert list(lease_server.leases)[:2] == ["lease-1", "lease-2"], "taken again after the first SHA-1 failed"
+    assert lease_server.released[:2] == ["lease-1", "lease-2"]
+    assert set(lease_server.released) == set(lease_server.leases), "every lease released in the end"
