@@ -115,7 +115,7 @@ def peer_data_frame(tool: str, *, mtu: int) -> DataFrame:
         return DataFrame(payload=UDPCAST_BLOCK_BYTES,
                          wire=UDPCAST_BLOCK_BYTES + UDPCAST_HEADER_BYTES + UDP_HEADER_BYTES + IPV4_HEADER_BYTES + ETHERNET_HEADER_BYTES)  # fmt: skip
     if tool == "uftp":
-        block = mtu - UFTP_HEADER_ROOM_BYTES
+        block = uftp_block_bytes(mtu)
         return DataFrame(payload=block, wire=block + UFTP_HEADER_BYTES + UDP_HEADER_BYTES + IPV4_HEADER_BYTES + ETHERNET_HEADER_BYTES)
     if tool == "http":
         return DataFrame(payload=mtu - IPV4_HEADER_BYTES - TCP_HEADER_BYTES, wire=mtu + ETHERNET_HEADER_BYTES)
@@ -516,6 +516,12 @@ def _note_exit_codes(session: _Session, labels: Sequence[str]) -> None:
 # uftp right at the link rate on the wire.
 UFTP_RATE_FRACTION = 0.95
 UFTP_HEADER_ROOM_BYTES = 100  # the man page: block size 100-200 bytes under the path MTU
+UFTP_MAX_BLOCK_BYTES = 8800  # uftp 4.10 refuses -b 8801 and above ("Invalid blocksize"): MTU 9000 gets 8800
+
+
+def uftp_block_bytes(mtu: int) -> int:
+    """uftp's -b for a link of `mtu`: 100 bytes under it, at most what uftp takes."""
+    return min(mtu - UFTP_HEADER_ROOM_BYTES, UFTP_MAX_BLOCK_BYTES)
 
 
 def _uftp_client_id(receiver_index: int) -> str:
@@ -560,7 +566,7 @@ def run_uftp(
         # uftpd has no readiness signal; give the daemons a moment to bind
         # (the sender also re-announces for a while, so this is not critical).
         time.sleep(0.5)
-        block_size = bed.link_of(bed.sender).mtu - UFTP_HEADER_ROOM_BYTES
+        block_size = uftp_block_bytes(bed.link_of(bed.sender).mtu)
         bitrate = _bitrate_for(rate_mbit, rate_fraction)
         rate_kbps = "-1" if bitrate is None else str(max(1, int(bitrate * 1000)))
         sender_args = ["uftp", "-I", bed.sender.interface, "-H", ",".join(map(_uftp_client_id, range(receiver_count))),
