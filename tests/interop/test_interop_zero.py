@@ -6,14 +6,11 @@ import io
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.e2e.processes import running_server, sha1_of
+from tests.e2e.processes import sha1_of
 
 from .minimal_peer import (
     MalformedMetadata,
@@ -25,8 +22,11 @@ from .minimal_peer import (
     parse_metadata,
     run_sender,
 )
+from .peer_processes import (
+    minimal_receiver_takes_from_vmcast_serve,
+    write_image_of_mib_chunks,
+)
 
-PEER = [sys.executable, str(Path(__file__).with_name("minimal_peer.py"))]
 PROTOCOL_MD = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
 
 # Section 6, copied from the document.
@@ -270,31 +270,12 @@ def test_the_minimal_sender_does_not_announce_zero(tmp_path):
 ZERO_MIB = {0, 1, 2, 3, 6, 8, 11, 15}  # 8 of 16 MiB, in runs and alone, first and last included
 
 
-def write_half_zero_image(path: Path, mib: int = 16) -> str:
-    digest = hashlib.sha1()
-    with path.open("wb") as handle:
-        for i in range(mib):
-            chunk = bytes(1 << 20) if i in ZERO_MIB else os.urandom(1 << 20)
-            digest.update(chunk)
-            handle.write(chunk)
-    return digest.hexdigest()
-
-
 def test_the_minimal_receiver_takes_a_half_zero_image_from_vmcast_serve(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
-    expected = write_half_zero_image(images / "half-zero.raw")
+    expected = write_image_of_mib_chunks(images / "half-zero.raw", data_mib=set(range(16)) - ZERO_MIB)
     output = tmp_path / "out.raw"
-    with running_server(images, tmp_path, "--rate", "400mbit") as url:
-        lease = httpx.post(f"{url}/v1/streams", json={"image": "half-zero.raw", "format": "raw"}, timeout=120).json()
-        try:
-            peer = subprocess.run(
-                [*PEER, "receive", "--group", lease["group"], "--port", str(lease["port"]), "--cookie", lease["cookie"],
-                 "--output", str(output), "--timeout", "60"],
-                capture_output=True, text=True, timeout=90, check=False,
-            )
-        finally:
-            httpx.delete(f"{url}/v1/leases/{lease['lease_id']}")
+    peer = minimal_receiver_takes_from_vmcast_serve(images / "half-zero.raw", output=output, tmp=tmp_path)
     assert peer.returncode == 0, peer.stdout + peer.stderr
     assert f"verified sha1={expected}" in peer.stdout
     assert output.stat().st_size == 16 << 20

@@ -34,20 +34,12 @@ from vmcast.protocol import (
 )
 
 from .memlink import MemoryReceiver, datagrams, run_until_complete, run_with_repair
+from .zero_frames_example import EXAMPLE, EXAMPLE_JSON
 
 COOKIE = b"zeroframe"[:8]
 FRAME = 16
 BLOCK = 64  # 4 frames
 PROTOCOL_MD = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
-
-# docs/PROTOCOL.md section 3, "Example with zero frames".
-EXAMPLE = b"vmcast zero fram" + bytes(32) + b"es, not blocks!\n" + bytes(80) + b"end"
-EXAMPLE_JSON = (
-    '{"block":64,"format":"raw","frame":16,"len":147,"name":"frames.raw",'
-    '"sha1":"be0f317642f41e6ee1ff742ee4b335cd8392276d","v":1,'
-    '"xxh3":{"first":0,"sums":["4e5a5702697cf3e0","2ffb6918c12c256e","c851794bc503c3bb"]},'
-    '"zero":[[1,1]],"zero_frames":[[1,2],[8,1]]}'
-)
 
 
 def image_of(pattern: str, *, frame_size: int = FRAME, seed: int = 0) -> bytes:
@@ -59,6 +51,18 @@ def image_of(pattern: str, *, frame_size: int = FRAME, seed: int = 0) -> bytes:
 
 def zero_frame_numbers(manifest) -> list[int]:
     return [frame for first, count in manifest.zero_frames for frame in range(first, first + count)]
+
+
+def frame_datagram(image: bytes, k: int) -> bytes:
+    """Data frame `k` of `image`, as the carousel would send it."""
+    return encode_data(COOKIE, k * FRAME, image[k * FRAME : (k + 1) * FRAME])
+
+
+def metadata_without(manifest, *keys: str) -> bytes:
+    """The manifest's first metadata frame without `keys`. Leaving out "zero_frames" (and the "xxh3" it needs)
+    lets a receiver learn the stream and keep data frames before it knows which frames are zeros: the order
+    these tests need, the full metadata frame coming after."""
+    return encode_metadata(COOKIE, {k: v for k, v in manifest.metadata_frames()[0].items() if k not in keys})
 
 
 # -- the document's example ----------------------------------------------------------------------------------
@@ -268,10 +272,9 @@ def test_zero_frames_that_complete_a_block_name_it_to_check_after_zeroing():
     image = image_of("x00x")
     manifest = manifest_of(image, frame_size=FRAME, block_size=BLOCK)
     assembly = Assembly(cookie=COOKIE)
-    identity = {k: v for k, v in manifest.metadata_frames()[0].items() if k not in ("xxh3", "zero_frames")}
-    assembly.receive_datagram(encode_metadata(COOKIE, identity))
+    assembly.receive_datagram(metadata_without(manifest, "xxh3", "zero_frames"))
     for k in (0, 3):
-        assert isinstance(assembly.receive_datagram(encode_data(COOKIE, k * FRAME, image[k * FRAME : (k + 1) * FRAME])), DataReceived)
+        assert isinstance(assembly.receive_datagram(frame_datagram(image, k)), DataReceived)
     event = assembly.receive_datagram(encode_metadata(COOKIE, manifest.metadata_frames()[0]))
     assert event.zero_frames == ((1, 2),) and event.blocks_to_check == (0,)
     assert assembly.check_block(0, image).__class__.__name__ == "BlockVerified"
@@ -282,20 +285,19 @@ def test_a_zero_frame_that_already_arrived_as_data_is_not_zeroed_again_and_its_b
     image = image_of("x00x")
     manifest = manifest_of(image, frame_size=FRAME, block_size=BLOCK)
     receiver = MemoryReceiver(cookie=COOKIE)
-    identity = {k: v for k, v in manifest.metadata_frames()[0].items() if k not in ("xxh3", "zero_frames")}
-    receiver.feed(encode_metadata(COOKIE, identity))
+    receiver.feed(metadata_without(manifest, "xxh3", "zero_frames"))
     receiver.feed(encode_data(COOKIE, FRAME, b"\x01" * FRAME))  # frame 1, wrong bytes (a faulty sender or wire)
     event = receiver.assembly.receive_datagram(encode_metadata(COOKIE, manifest.metadata_frames()[0]))
     assert event.zero_frames == ((2, 1),)
     receiver.disk[2 * FRAME : 3 * FRAME] = bytes(FRAME)
     for k in (0, 3):
-        receiver.feed(encode_data(COOKIE, k * FRAME, image[k * FRAME : (k + 1) * FRAME]))
+        receiver.feed(frame_datagram(image, k))
     assert receiver.corrupt_blocks_seen == [0], "frame 1's bytes were kept, and the block's xxh3 caught them"
     # The block was forgotten with its zero frames; the next metadata round names them again; the carousel
     # brings frames 0 and 3; frame 1 is zeros now.
     receiver.feed(encode_metadata(COOKIE, manifest.metadata_frames()[0]))
     for k in (0, 3):
-        receiver.feed(encode_data(COOKIE, k * FRAME, image[k * FRAME : (k + 1) * FRAME]))
+        receiver.feed(frame_datagram(image, k))
     assert receiver.complete and bytes(receiver.disk) == image
 
 
@@ -373,7 +375,7 @@ def test_zero_frames_that_make_a_block_decodable_with_the_parity_held_name_it_to
     manifest = manifest_of(image, frame_size=FRAME, block_size=BLOCK, fec=True)
     (fields,) = manifest.metadata_frames()
     receiver = MemoryReceiver(cookie=COOKIE, disk=bytearray(b"\xab" * len(image)))
-    receiver.feed(encode_metadata(COOKIE, {k: v for k, v in fields.items() if k not in ("xxh3", "zero", "zero_frames")}))
+    receiver.feed(metadata_without(manifest, "xxh3", "zero", "zero_frames"))
     assert receiver.assembly.fec
     receiver.feed(encode_data(COOKIE, 0, image[:FRAME]))
     symbol = ParityEncoder(image[:BLOCK], frame_size=FRAME).symbols(4, 1)[0]

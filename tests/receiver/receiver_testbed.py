@@ -395,6 +395,18 @@ def loop_device(tmp_path) -> Iterator[Callable[[int], str]]:
             os.unlink(f"{device}.vmcast.json")  # the receiver's state file, beside the device (in /dev)
 
 
+def write_device(device: str, data: bytes) -> None:
+    """Write `data` at the start of a block device, in place ("r+b": the path is opened, never created or truncated)."""
+    with open(device, "r+b") as disk:
+        disk.write(data)
+
+
+def read_device(device: str, size: int) -> bytes:
+    """The first `size` bytes of a block device: loop devices here are larger than the image written to them."""
+    with open(device, "rb") as disk:
+        return disk.read(size)
+
+
 def sha1_of(data: bytes) -> str:
     return hashlib.sha1(data).hexdigest()
 

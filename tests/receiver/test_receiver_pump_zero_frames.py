@@ -18,7 +18,7 @@ from vmcast.receiver.pump import Pump
 from vmcast.receiver.state import read_state
 from vmcast.receiver.target import open_target
 
-from .receiver_testbed import LOOPBACK, sha1_of
+from .receiver_testbed import LOOPBACK, read_device, sha1_of, write_device
 
 TIMEOUT = 10.0
 MiB = 1 << 20
@@ -37,16 +37,6 @@ def image_of_zero_chunks() -> bytes:
 def request(sender, output, **options) -> ReceiveRequest:
     source = FromGroup(group=sender.group, port=sender.port, cookie=sender.cookie)
     return ReceiveRequest(source=source, output=str(output), interface=LOOPBACK, timeout=TIMEOUT, **options)
-
-
-def write_device(device: str, data: bytes) -> None:
-    with open(device, "r+b") as disk:
-        disk.write(data)
-
-
-def read_device(device: str, size: int) -> bytes:
-    with open(device, "rb") as disk:
-        return disk.read(size)
 
 
 def unsent_bytes(data: bytes) -> int:

@@ -31,7 +31,7 @@ from vmcast.receiver.state import (
     write_state,
 )
 
-from .receiver_testbed import LOOPBACK, sha1_of
+from .receiver_testbed import LOOPBACK, read_device, sha1_of, write_device
 
 TIMEOUT = 10.0
 MiB = 1 << 20
@@ -48,16 +48,6 @@ async def receive_for(seconds: float, request: ReceiveRequest, sender) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(receive, request)
             sender.start()
-
-
-def write_device(device: str, data: bytes) -> None:
-    with open(device, "r+b") as disk:
-        disk.write(data)
-
-
-def read_device(device: str, size: int) -> bytes:
-    with open(device, "rb") as disk:
-        return disk.read(size)
 
 
 def verified_bits(state: ReceiverState) -> bitarray:
