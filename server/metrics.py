@@ -7,7 +7,7 @@ servers in one process (the tests) never clash over the global one.
 
 Per stream (labels ``stream_id``, ``image``, ``format``, ``group``): bytes, datagrams, loops, repair
 requests, repair frames sent, parity frames sent and their CPU, repair frames pending, repair drops, leases,
-send errors, measured rate.
+receivers a holding stream still waits for, send errors, measured rate.
 Server-wide: running streams, active leases, leases expired, repair datagrams received and dropped by
 ``reason`` (`RepairDrop`), HTTP range responses by ``status`` and bytes sent.
 """
@@ -50,6 +50,8 @@ _PER_STREAM: tuple[tuple[str, str, type, Callable[[StreamStatus], float]], ...] 
     ("vmcast_stream_repair_pending", "Frames asked for and not sent yet.", GaugeMetricFamily,
      lambda s: s.sender.repair_pending),
     ("vmcast_stream_leases", "Leases holding the stream.", GaugeMetricFamily, lambda s: s.references),
+    ("vmcast_stream_waiting_for_receivers", "Receivers the stream still holds for before its first loop (min_receivers).",
+     GaugeMetricFamily, lambda s: s.waiting_for),
     ("vmcast_stream_measured_bits_per_second", "Send rate over about the last second, IP/UDP headers included.",
      GaugeMetricFamily, lambda s: s.sender.measured_bps),
 )  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .server_testing import Images, MulticastListener, TestClient, start_stream
+from .server_testing import Images, MulticastListener, TestClient, samples, start_stream
 
 
 def joined(client: TestClient, lease_id: str) -> dict:
@@ -29,6 +29,8 @@ def test_the_stream_holds_until_enough_receivers_joined_then_starts_at_the_first
     assert held and all(item.is_metadata for item in held), "metadata only while holding"
     status = client.get(f"/v1/streams/{first['stream_id']}").json()
     assert (status["waiting_for"], status["state"], status["references"]) == (1, "running", 2)
+    labels = (("format", "raw"), ("group", first["group"]), ("image", images.raw), ("stream_id", first["stream_id"]))
+    assert samples(client.get("/metrics").text, "vmcast_stream_waiting_for_receivers")[labels] == 1
 
     assert joined(client, second["lease_id"])["waiting_for"] == 0
     data_frames = [item for item in listener.listen(0.5) if not item.is_metadata]

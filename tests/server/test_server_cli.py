@@ -217,6 +217,16 @@ def test_stream_start_list_and_stop_against_a_real_server(server: tuple[str, int
     assert status == 0
 
 
+def test_a_stream_started_with_min_receivers_says_it_holds_and_for_how_many(server: tuple[str, int], images: Images) -> None:
+    url, _ = server
+    status, output = run("stream", "start", images.raw, "--server", url, "--min-receivers", "3", "--max-wait", "60")
+    assert status == 0, output
+    assert "holding for" in output and "3 more receiver(s)" in output
+    status, output = run("stream", "list", "--server", url)
+    assert status == 0 and "holding (3 to come)" in output
+    assert httpx.get(f"{url}/v1/streams").json()[0]["waiting_for"] == 3
+
+
 def test_stopping_the_server_stops_its_streams(server: tuple[str, int], images: Images) -> None:
     url, _ = server
     started = json.loads(run("stream", "start", images.raw, "--server", url, "--json")[1])
