@@ -57,6 +57,7 @@ __all__ = [
     "PEER_RUNNERS",
     "DataFrame",
     "PeerResult",
+    "ToolSession",
     "make_random_image",
     "peer_data_frame",
     "run_http",
@@ -188,8 +189,9 @@ def _timed_sha1_of_file(path: Path) -> tuple[str, float]:
     return digest, time.monotonic()
 
 
-class _Session:
-    """Processes, logs, clock and SHA-1 checks of one peer-tool run.
+class ToolSession:
+    """Processes, logs, clock and SHA-1 checks of one tool's run (the peers' and vmcast's alike, so that their
+    numbers are taken the same way).
 
     Error handling:
         Nothing here raises for a failing tool: failures end up as
@@ -227,7 +229,7 @@ class _Session:
         if keep_work_dir:
             self.notes.append(f"work dir kept: {self.dir}")
 
-    def __enter__(self) -> _Session:
+    def __enter__(self) -> ToolSession:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -449,7 +451,7 @@ def run_udpcast(
     """
     image_path = Path(image_path)
     receiver_count = len(bed.receivers)
-    with _Session(bed, "udpcast", expected_sha1, timeout, work_dir, keep_work_dir) as session:
+    with ToolSession(bed, "udpcast", expected_sha1, timeout, work_dir, keep_work_dir) as session:
         outputs = [session.dir / f"receiver{i}.img" for i in range(receiver_count)]
         common = ["--interface", bed.sender.interface, "--nokbd", "--no-progress"]
         for index, (receiver, output) in enumerate(zip(bed.receivers, outputs, strict=True)):
@@ -499,7 +501,7 @@ def run_udpcast(
         return session.result()
 
 
-def _note_exit_codes(session: _Session, labels: Sequence[str]) -> None:
+def _note_exit_codes(session: ToolSession, labels: Sequence[str]) -> None:
     codes = {label: session.returncode(label) for label in labels}
     bad = {label: code for label, code in codes.items() if code not in (0, None)}
     if bad:
@@ -554,7 +556,7 @@ def run_uftp(
     """
     image_path = Path(image_path)
     receiver_count = len(bed.receivers)
-    with _Session(bed, "uftp", expected_sha1, timeout, work_dir, keep_work_dir) as session:
+    with ToolSession(bed, "uftp", expected_sha1, timeout, work_dir, keep_work_dir) as session:
         destinations = [session.dir / f"receiver{i}" for i in range(receiver_count)]
         status_files = [session.dir / f"receiver{i}.status" for i in range(receiver_count)]
         for index, (receiver, destination, status) in enumerate(zip(bed.receivers, destinations, status_files, strict=True)):
@@ -646,7 +648,7 @@ def run_http(
     receiver_count = len(bed.receivers)
     if shutil.which("curl") is None:
         raise RuntimeError("curl is not installed (apt-get install curl)")
-    with _Session(bed, "http", expected_sha1, timeout, work_dir, keep_work_dir) as session:
+    with ToolSession(bed, "http", expected_sha1, timeout, work_dir, keep_work_dir) as session:
         served = session.dir / "served"
         served.mkdir()
         (served / "image").symlink_to(image_path)
@@ -668,7 +670,7 @@ def run_http(
         return session.result()
 
 
-def _wait_for_log_line(session: _Session, label: str, text: str, timeout: float) -> bool:
+def _wait_for_log_line(session: ToolSession, label: str, text: str, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if text in session.log_tail(label):

@@ -2,7 +2,7 @@
 
 :func:`run_vmcast` starts ``vmcast serve`` in the bed's sender namespace and one ``vmcast receive`` in every
 receiver namespace, and returns the same :class:`~benchmarks.peers.PeerResult` as the runners of
-:mod:`benchmarks.peers` (it reuses their session: the same clock, SHA-1 re-check, wire counter and ``wait4``
+:mod:`benchmarks.peers` (it reuses their `ToolSession`: the same clock, SHA-1 re-check, wire counter and ``wait4``
 CPU accounting), so the numbers sit in one table.
 
 What is timed, and what is not:
@@ -52,7 +52,7 @@ from vmcast.server.rates import parse_rate
 from benchmarks.peers import (  # the peers' session: identical clock and accounting
     DataFrame,
     PeerResult,
-    _Session,
+    ToolSession,
 )
 from benchmarks.testbed import TestBed
 
@@ -264,7 +264,7 @@ def run_vmcast(
         for receiver in bed.receivers:
             bed.set_loss(receiver, loss)
 
-    with _Session(bed, "vmcast", expected_sha1, timeout, work_dir, keep_work_dir) as session:
+    with ToolSession(bed, "vmcast", expected_sha1, timeout, work_dir, keep_work_dir) as session:
         images = session.dir / "images"
         images.mkdir()
         (images / image_path.name).symlink_to(image_path)
@@ -365,7 +365,7 @@ def run_vmcast(
     return dataclasses.replace(result, per_receiver_sha1_ok=oks, seconds_until_all_verified=seconds, seconds_until_last_finished=finished)
 
 
-def _timed_stream(session: _Session, sender: Any, base_url: str) -> dict[str, Any] | None:
+def _timed_stream(session: ToolSession, sender: Any, base_url: str) -> dict[str, Any] | None:
     """The timed stream's counters (``GET /v1/streams/{id}``), its id taken from the server's log; None if unknown.
 
     Run with ``Host.run``, not in the session: this helper's CPU is not the tool's.
@@ -381,7 +381,7 @@ def _timed_stream(session: _Session, sender: Any, base_url: str) -> dict[str, An
     return _last_json_object(completed.stdout) or None if completed.returncode == 0 else None
 
 
-def _note_vmcast_counters(session: _Session, details: VmcastDetails) -> None:
+def _note_vmcast_counters(session: ToolSession, details: VmcastDetails) -> None:
     """One short note of the receivers' drops and the stream's loops and repairs (the rest is in ``details``)."""
     drops: dict[str, int] = {}
     kernel_drops = []
