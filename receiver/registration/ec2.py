@@ -68,6 +68,7 @@ from .errors import (
 )
 from .formats import FORMATS, QEMU_IMG, checked_format, lookup
 from .registered import RegisteredImage
+from .translation import error_text, translated_call
 
 if TYPE_CHECKING:
     import boto3
@@ -286,12 +287,7 @@ class _Aws:
 
     def call(self, operation: str, request: Callable[[], _T]) -> _T:
         """Run one request, translating botocore's exceptions into ours (see the module docstring)."""
-        try:
-            return request()
-        except RegistrationError:
-            raise
-        except Exception as error:  # noqa: BLE001 - every SDK failure is translated, none passes raw
-            raise self.translate(operation, error) from None
+        return translated_call(operation, request, self.translate)
 
     def wait(self, waiter_name: str, resource: str, state: str, *, timeout: float, delay: float, **query: Any) -> None:
         import botocore.exceptions
@@ -311,9 +307,9 @@ class _Aws:
         import botocore.exceptions as bce
 
         if isinstance(error, (bce.NoCredentialsError, bce.PartialCredentialsError, bce.ProfileNotFound, bce.NoRegionError)):
-            return CloudNotConfigured(cloud=CLOUD, reason=self.redact(_message_of(error)))
+            return CloudNotConfigured(cloud=CLOUD, reason=self.redact(error_text(error)))
         if isinstance(error, (bce.EndpointConnectionError, bce.ConnectTimeoutError, bce.ConnectionClosedError, bce.SSLError)):
-            return CloudUnreachable(cloud=CLOUD, endpoint=self.endpoint, reason=self.redact(_message_of(error)))
+            return CloudUnreachable(cloud=CLOUD, endpoint=self.endpoint, reason=self.redact(error_text(error)))
         if isinstance(error, bce.ClientError):
             code, message = _client_error_fields(error)
             status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -321,12 +317,7 @@ class _Aws:
             if code in _CREDENTIAL_CODES or status in (401, 403):
                 return CredentialsRejected(cloud=f"AWS {operation}", endpoint=self.endpoint, user=self.shown_key_id and f"access key {self.shown_key_id}", reason=reason)
             return CloudRequestFailed(cloud=CLOUD, operation=operation, reason=reason, status=status)
-        return CloudRequestFailed(cloud=CLOUD, operation=operation, reason=self.redact(_message_of(error)))
-
-
-def _message_of(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+        return CloudRequestFailed(cloud=CLOUD, operation=operation, reason=self.redact(error_text(error)))
 
 
 def _client_error_fields(error: Any) -> tuple[str, str]:

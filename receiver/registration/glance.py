@@ -57,6 +57,7 @@ from .errors import (
 )
 from .formats import QEMU_IMG, checked_format
 from .registered import RegisteredImage
+from .translation import error_text, translated_call
 
 if TYPE_CHECKING:
     import openstack.connection
@@ -207,18 +208,13 @@ class _Api:
 
     def call(self, operation: str, request: Callable[[], _T]) -> _T:
         """Run one SDK request, translating its exceptions into ours (see the module docstring)."""
-        try:
-            return request()
-        except RegistrationError:
-            raise
-        except Exception as error:  # noqa: BLE001 - every SDK failure is translated, none passes raw
-            raise self.translate(operation, error) from None
+        return translated_call(operation, request, self.translate)
 
     def translate(self, operation: str, error: Exception) -> RegistrationError:
         from keystoneauth1 import exceptions as ksa
         from openstack import exceptions as sdk
 
-        message = self.redact(_message_of(error))
+        message = self.redact(error_text(error))
         status = getattr(error, "status_code", None) or getattr(error, "http_status", None)
         if status == 401 or isinstance(error, (ksa.Unauthorized, ksa.AuthorizationFailure)):
             return CredentialsRejected(
@@ -236,11 +232,6 @@ class _Api:
         if isinstance(error, (sdk.ConfigException, ksa.AuthPluginException, ksa.OptionError)):
             return CloudNotConfigured(cloud=CLOUD, reason=message)
         return CloudRequestFailed(cloud=CLOUD, operation=operation, reason=message, status=status)
-
-
-def _message_of(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _checked_properties(properties: Mapping[str, str] | None) -> dict[str, str]:

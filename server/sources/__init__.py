@@ -8,7 +8,8 @@ an image of its directory (its `source_format` decides the formats offered, conv
 
 Modules: `specs` (parse ``glance:`` / ``s3://`` / ``http(s)://``), `glance`, `s3`, `http` (one per kind, each
 a `remote.Remote`), `verify` (hash while writing), `formats` (qemu-img; refuse unsafe images), `cache`
-(files by content key, flock per key), `fetch` (the whole sequence), `errors` (one root: `SourceError`).
+(files by content key, flock per key), `fetch` (the whole sequence), `errors` (one root: `SourceError`),
+`translation` (SDK exceptions become `SourceError`s, unchained).
 """
 
 from .errors import (

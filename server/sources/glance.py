@@ -44,6 +44,7 @@ from .errors import (
 from .formats import GLANCE_DISK_FORMATS
 from .remote import CHUNK_SIZE, Body, RemoteContent, identity_of
 from .specs import GlanceSpec
+from .translation import error_text, translated_call, translated_chunks
 from .verify import ExpectedContent
 
 if TYPE_CHECKING:
@@ -220,15 +221,9 @@ class GlanceRemote:
     # -- the download
 
     def _chunks(self, response: Any) -> Iterator[bytes]:
+        # requests/urllib3 errors mid-body are translated like the SDK's.
         stream = response.iter_content(chunk_size=CHUNK_SIZE)
-        while True:
-            try:
-                chunk = next(stream)
-            except StopIteration:
-                return
-            except Exception as error:  # noqa: BLE001 - requests/urllib3 errors mid-body, translated
-                raise self._translate("download the image data", error) from None
-            yield chunk
+        yield from translated_chunks(stream, "download the image data", self._translate)
 
     # -- errors
 
@@ -243,12 +238,7 @@ class GlanceRemote:
 
     def _call(self, operation: str, request: Callable[[], _T]) -> _T:
         """Run one SDK request, translating its exceptions into `SourceError`s."""
-        try:
-            return request()
-        except SourceError:
-            raise
-        except Exception as error:  # noqa: BLE001 - every SDK failure is translated, none passes raw
-            raise self._translate(operation, error) from None
+        return translated_call(operation, request, self._translate)
 
     def _redact(self, text: str) -> str:
         found = list(self._secrets)
@@ -263,8 +253,7 @@ class GlanceRemote:
         from keystoneauth1 import exceptions as ksa
         from openstack import exceptions as sdk
 
-        text = str(error).strip()
-        message = self._redact(f"{type(error).__name__}: {text}" if text else type(error).__name__)
+        message = self._redact(error_text(error))
         status = getattr(error, "status_code", None) or getattr(error, "http_status", None)
         if status == 401 or isinstance(error, (ksa.Unauthorized, ksa.AuthorizationFailure)):
             return SourceCredentialsRejected(

@@ -36,6 +36,7 @@ from .errors import (
 )
 from .remote import CHUNK_SIZE, Body, RemoteContent, identity_of
 from .specs import HttpSpec
+from .translation import error_text
 from .verify import ExpectedContent
 
 # Seconds to open a connection; and at most between two reads of a response (not for the whole download).
@@ -127,9 +128,7 @@ class HttpRemote:
             raise self._translate("download the URL (GET)", error) from None
 
     def _translate(self, operation: str, error: httpx.HTTPError) -> SourceError:
-        text = str(error).strip()
-        text = text.replace(self.spec.url, self.origin)
-        message = redact(f"{type(error).__name__}: {text}" if text else type(error).__name__, self._secrets)
+        message = redact(error_text(error).replace(self.spec.url, self.origin), self._secrets)
         if isinstance(error, (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError)):
             return SourceUnreachable(origin=self.origin, endpoint=self.endpoint, reason=message)
         return SourceRequestFailed(origin=self.origin, operation=operation, reason=message)

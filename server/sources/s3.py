@@ -35,6 +35,7 @@ from .errors import (
 )
 from .remote import CHUNK_SIZE, Body, RemoteContent, identity_of
 from .specs import S3Spec
+from .translation import error_text, translated_call, translated_chunks
 from .verify import ExpectedContent
 
 _SINGLE_PART_ETAG = re.compile(r'"?([0-9a-fA-F]{32})"?')
@@ -109,31 +110,19 @@ class S3Remote:
             self._client.close()
 
     def _chunks(self, body: Any) -> Iterator[bytes]:
+        # botocore/urllib3 errors mid-body are translated like those of the requests.
         stream = body.iter_chunks(chunk_size=CHUNK_SIZE)
-        while True:
-            try:
-                chunk = next(stream)
-            except StopIteration:
-                return
-            except Exception as error:  # noqa: BLE001 - botocore/urllib3 errors mid-body, translated
-                raise self._translate("download the object", error) from None
-            yield chunk
+        yield from translated_chunks(stream, "download the object", self._translate)
 
     # -- errors
 
     def _call(self, operation: str, request: Callable[[], _T]) -> _T:
-        try:
-            return request()
-        except SourceError:
-            raise
-        except Exception as error:  # noqa: BLE001 - every SDK failure is translated, none passes raw
-            raise self._translate(operation, error) from None
+        return translated_call(operation, request, self._translate)
 
     def _translate(self, operation: str, error: Exception) -> SourceError:
         from botocore import exceptions as boto
 
-        text = str(error).strip()
-        message = redact(f"{type(error).__name__}: {text}" if text else type(error).__name__, self._secrets)
+        message = redact(error_text(error), self._secrets)
         if isinstance(error, boto.ClientError):
             code = str(error.response.get("Error", {}).get("Code") or "")
             status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
