@@ -459,7 +459,9 @@ async def _start(run: _Run, nursery: trio.Nursery, resources: AsyncExitStack, ou
 async def _from_lease(run: _Run, source: FromServer, nursery: trio.Nursery, resources: AsyncExitStack, outcome: _Outcome) -> _Source | None:
     """Server mode: the lease, the resume plan, the target opened, the repairs; None if already verified."""
     request = run.request
-    client = await resources.enter_async_context(httpx.AsyncClient())
+    # Plain HTTP has no TLS: loading the certificate store anyway costs ~100 ms of every receiver's start.
+    verify = httpx.URL(source.server).scheme == "https"
+    client = await resources.enter_async_context(httpx.AsyncClient(verify=verify))
     leases = LeaseClient(server=source.server, client=client)
     lease: Lease = await nursery.start(_hold_lease, leases, source, run.need, outcome, nursery.cancel_scope)
     log.info("lease %s: image %s (%d bytes) on %s:%d", lease.lease_id, lease.image, lease.length, lease.group, lease.port)
