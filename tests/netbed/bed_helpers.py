@@ -356,13 +356,13 @@ class Bed:
         self._servers.append(server)
         return server.start()
 
-    def receiver(self, index: int, image: str) -> Receiver:
-        """`vmcast receive IMAGE --server URL` on receiver `index` (not started yet)."""
+    def receiver(self, index: int, image: str, *options: str) -> Receiver:
+        """`vmcast receive IMAGE --server URL [options]` on receiver `index` (not started yet)."""
         host = self.receiver_hosts[index]
         output = self.workdir / f"{host.name}.raw"
         argv = [
             *VMCAST, "receive", image, "--server", self.url, "--output", str(output),
-            "--interface", host.address, "--json",
+            "--interface", host.address, "--json", *options,
         ]  # fmt: skip
         return self._add(Receiver(host=host, argv=argv, output=output, workdir=self.workdir))
 

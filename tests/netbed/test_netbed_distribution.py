@@ -84,6 +84,26 @@ def test_every_receiver_ends_with_a_verified_identical_copy_under_udp_loss(
             assert outcome.summary["corrupt_blocks"] == 0, outcome.describe()
 
 
+def test_receivers_started_together_with_min_receivers_share_one_loop_across_the_bridge(image: Image, tmp_path) -> None:
+    # Started a second apart (a third of a loop), as machines booting together are. Each says it joined
+    # (POST /v1/leases/{id}/joined) from its own namespace; the stream holds, sending only metadata, until all
+    # three have, then sends the image once: no receiver needs the wrap or a repair.
+    frames = -(-image.length // 1400)
+    with netbed(tmp_path, receiver_loss=[0.0] * 3) as bed:
+        bed.serve(image.directory)
+        receivers = []
+        for index in range(3):
+            receivers.append(bed.receiver(index, image.name, "--min-receivers", "3", "--max-wait", "60").start())
+            time.sleep(1.0)
+        [stream] = wait_until(bed.streams, timeout=30, what="the stream to start")
+        outcomes = [receiver.wait(timeout=60) for receiver in receivers]
+        stream = bed.stream(stream["stream_id"])
+    _assert_all_verified(receivers, outcomes, image)
+    assert stream["waiting_for"] == 0 and stream["repair_frames_sent"] == 0, stream
+    # One loop and its metadata (a round of a few frames a second), nothing of a second loop.
+    assert frames <= stream["datagrams_sent"] < frames * 1.02 + 100, (stream["datagrams_sent"], frames)
+
+
 # -- 2. a receiver killed and restarted ---------------------------------------------------------------------------
 
 
