@@ -60,6 +60,7 @@ __all__ = [
     "VMCAST_COMMAND",
     "VMCAST_RATE_FRACTION",
     "VmcastDetails",
+    "last_json_object",
     "machine_busy_seconds",
     "run_vmcast",
     "vmcast_data_frame",
@@ -198,7 +199,7 @@ def _process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def _last_json_object(text: str) -> dict[str, Any]:
+def last_json_object(text: str) -> dict[str, Any]:
     """The last line of ``text`` that is a JSON object (the receiver's ``--json`` summary), else ``{}``."""
     for line in reversed(text.splitlines()):
         line = line.strip()
@@ -288,7 +289,7 @@ def run_vmcast(
                 session.stop("prewarm")
                 break
             time.sleep(POLL_INTERVAL_SECONDS)
-        prewarm_output = _last_json_object(_read(session.dir / "prewarm.log"))
+        prewarm_output = last_json_object(_read(session.dir / "prewarm.log"))
         if session.returncode("prewarm") != 0 or not prewarm_output:
             session.notes.append(f"server did not start or pre-warm failed (server exit {session.returncode('server')}, "
                                  f"pre-warm exit {prewarm.returncode}): server log …{session.log_tail('server')} "
@@ -340,7 +341,7 @@ def run_vmcast(
         session.cpu_seconds -= cpu_before_clock  # what PeerResult reports: server after the clock + receivers
 
         details.exit_codes = [session.returncode(f"receiver{i}") for i in range(receiver_count)]
-        details.receivers = [_last_json_object(_read(session.dir / f"receiver{i}.log")) for i in range(receiver_count)]
+        details.receivers = [last_json_object(_read(session.dir / f"receiver{i}.log")) for i in range(receiver_count)]
         claims_ok = [
             summary.get("verified") is True and summary.get("sha1") == expected_sha1 and code == 0
             for summary, code in zip(details.receivers, details.exit_codes, strict=True)
@@ -378,7 +379,7 @@ def _timed_stream(session: ToolSession, sender: Any, base_url: str) -> dict[str,
                                 matches[-1]["id"]], capture_output=True, text=True, timeout=STATS_TIMEOUT_SECONDS + 5)  # fmt: skip
     except subprocess.TimeoutExpired:
         return None
-    return _last_json_object(completed.stdout) or None if completed.returncode == 0 else None
+    return last_json_object(completed.stdout) or None if completed.returncode == 0 else None
 
 
 def _note_vmcast_counters(session: ToolSession, details: VmcastDetails) -> None:

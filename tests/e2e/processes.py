@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -15,6 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+
+from benchmarks.vmcast_runner import (
+    last_json_object,  # the harness reads receivers' summaries the same way
+)
 
 VMCAST = [sys.executable, "-m", "vmcast.server.cli"]
 
@@ -39,15 +43,17 @@ def sha1_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_random_image(path: Path, mib: int, *, seed: int = 0) -> str:
-    """A random image of `mib` MiB; returns its SHA-1."""
+def write_random_image(path: Path, mib: int, *, seed: int | None = None) -> str:
+    """A random image of `mib` MiB (the same bytes for the same `seed`; None: fresh ones); returns its SHA-1."""
+    random_bytes = random.Random(seed).randbytes if seed is not None else os.urandom
     digest = hashlib.sha1()
     with path.open("wb") as handle:
         for _ in range(mib):
-            chunk = os.urandom(1 << 20)
+            chunk = random_bytes(1 << 20)
             digest.update(chunk)
             handle.write(chunk)
     return digest.hexdigest()
+
 
 
 def stop(process: subprocess.Popen, *, timeout: float = 10) -> None:
@@ -99,11 +105,4 @@ def receiver_result(process: subprocess.Popen, *, timeout: float) -> tuple[int, 
     except subprocess.TimeoutExpired:
         stop(process)
         out, _ = process.communicate()
-    summary: dict = {}
-    for line in reversed(out.strip().splitlines()):
-        try:
-            summary = json.loads(line)
-            break
-        except ValueError:
-            continue
-    return process.returncode, summary
+    return process.returncode, last_json_object(out)

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import httpx
 
 from benchmarks.testbed import Host, LinkSpec, TestBed
+from tests.e2e.processes import last_json_object
 
 VMCAST = [sys.executable, "-m", "vmcast.server.cli"]
 RELAY_SCRIPT = Path(__file__).with_name("corrupting_relay.py")
@@ -60,18 +61,6 @@ def loop_seconds(image_bytes: int, rate_bps: float = SEND_RATE_BPS) -> float:
     """Seconds one loop of the carousel takes at `rate_bps` (wire bits, as `--rate` counts them)."""
     frames = -(-image_bytes // FRAME_PAYLOAD)
     return (image_bytes + frames * FRAME_OVERHEAD) * 8 / rate_bps
-
-
-def write_random_image(path: Path, mib: int, *, seed: int) -> str:
-    """A reproducible random image of `mib` MiB; returns its SHA-1."""
-    rng = random.Random(seed)
-    digest = hashlib.sha1()
-    with path.open("wb") as handle:
-        for _ in range(mib):
-            chunk = rng.randbytes(1 << 20)
-            digest.update(chunk)
-            handle.write(chunk)
-    return digest.hexdigest()
 
 
 def sha1_of(path: Path) -> str:
@@ -261,7 +250,7 @@ class Receiver:
         return ReceiverOutcome(
             name=self.name,
             exit_code=self.process.returncode,
-            summary=_last_json_object(self._stdout),
+            summary=last_json_object(self._stdout.read_text(errors="replace")),
             seconds=time.monotonic() - self._started_at,
             log_tail=_tail(self._stderr),
         )
@@ -269,17 +258,6 @@ class Receiver:
     def stop(self) -> None:
         if self.process is not None:
             _stop_by_pid(self.process)
-
-
-def _last_json_object(path: Path) -> dict[str, Any]:
-    for line in reversed(path.read_text(errors="replace").strip().splitlines()):
-        try:
-            value = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(value, dict):
-            return value
-    return {}
 
 
 class Server:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .bed_helpers import write_random_image
+from tests.e2e.processes import write_random_image
 
 # Big enough that a loop lasts a few seconds at the bed's send rate (so a kill lands mid-transfer and a
 # late join is late), small enough that the whole module stays within a few minutes on two cores.
