@@ -5,8 +5,9 @@
 For each payload size it streams a random image unpaced (by default) to one receiver writing a file on disk,
 and prints: goodput (image bits / the receiver's own time from joining to verified and synced), the receiver's
 wall time from process start to exit, the receiver's drop counters, the datagrams its socket dropped for a full
-buffer (below), and CPU seconds per GiB of the sender process and of the receiver process (user + sys from
-/proc and wait4). Sender and receiver share this machine's cores; the table says how many there are.
+buffer (below), CPU seconds per GiB of the sender process and of the receiver process (user + sys from
+/proc and wait4), and of the receiver's SHA-1 verification: the CPU of its hashing thread, which hashes the
+blocks in order as they are verified, and what was left to hash when the last block came (MiB, seconds). Sender and receiver share this machine's cores; the table says how many there are.
 ``--no-gso`` and ``--no-gro`` are passed to ``vmcast serve`` and ``vmcast receive``.
 
 Kernel drops are the receiver's own socket's (its JSON ``kernel_drops``, read when it verified the image; not
@@ -102,7 +103,9 @@ def run_once(image_dir: Path, work: Path, *, payload: int, rate: str, size: int,
         server_cpu_before = process_cpu_seconds(server.pid)
         started = time.monotonic()
         receiver = subprocess.Popen(
-            [*VMCAST, "receive", "bench.raw", "--server", url, "--output", str(output), "--json", *([] if gro else ["--no-gro"])],
+            [*VMCAST, "receive", "bench.raw", "--server", url, "--output", str(output), "--json",
+             # The stream holds until the receiver has joined, so it gets the image in order from frame 0.
+             "--min-receivers", "1", *([] if gro else ["--no-gro"])],
             stdout=subprocess.PIPE, stderr=(work / "receiver.log").open("w"), text=True,
         )
         _, status, usage = os.wait4(receiver.pid, 0)
@@ -125,6 +128,12 @@ def run_once(image_dir: Path, work: Path, *, payload: int, rate: str, size: int,
             "goodput_gbit": round(size * 8 / summary["seconds"] / 1e9, 3) if summary.get("seconds") else None,
             "sender_cpu_s_per_gib": round(server_cpu / (size / 2**30), 3),
             "receiver_cpu_s_per_gib": round((usage.ru_utime + usage.ru_stime) / (size / 2**30), 3),
+            # The whole image's SHA-1 runs in the receiver's hashing thread while blocks arrive (part of the
+            # receiver's CPU); what it had not reached when the last block was verified is hashed at the end.
+            "sha1_cpu_s_per_gib": round(summary.get("sha1_cpu_seconds", 0.0) / (size / 2**30), 3),
+            "unhashed_at_end_bytes": summary.get("unhashed_at_end"),
+            "hash_tail_seconds": summary.get("hash_tail_seconds"),
+            "sync_seconds": summary.get("sync_seconds"),
             "kernel_drops_packets": summary.get("kernel_drops"),
             "kernel_drops_datagrams": drops,
             "kernel_drops_exact": exact,
@@ -154,18 +163,23 @@ def main() -> int:
         print(f"loopback, 1 receiver, {args.size_mib} MiB random image, rate {args.rate}, UDP GSO {'off' if args.no_gso else 'on'}, "
               f"UDP GRO {'off' if args.no_gro else 'on'}, {os.cpu_count()} cores shared by sender and receiver")
         print(f"{'payload':>8} {'verified':>8} {'goodput':>12} {'receiver wall':>13} {'sender cpu':>14} {'receiver cpu':>14} "
-              f"{'kernel drops':>14}  receiver drops")  # fmt: skip
+              f"{'of it sha1':>14} {'sha1 at end':>19} {'sync':>7} {'kernel drops':>14}  receiver drops")  # fmt: skip
         for payload in args.payloads:
             for _ in range(args.runs):
                 result = run_once(images, work, payload=payload, rate=args.rate, size=args.size_mib << 20, gso=not args.no_gso, gro=not args.no_gro)
                 drops = result["kernel_drops_datagrams"]
                 drops_text = "?" if drops is None else f"{'' if result['kernel_drops_exact'] else '<='}{drops}"
+                at_end = f"{(result['unhashed_at_end_bytes'] or 0) / 2**20:.1f} MiB {result['hash_tail_seconds'] or 0:.3f} s"
                 print(f"{payload:>8} {str(result['verified']):>8} {result['goodput_gbit'] or 0:>8.2f} Gb/s {result['wall_seconds']:>11.2f} s "
                       f"{result['sender_cpu_s_per_gib']:>8.2f} s/GiB {result['receiver_cpu_s_per_gib']:>8.2f} s/GiB "
+                      f"{result['sha1_cpu_s_per_gib']:>8.2f} s/GiB {at_end:>19} {result['sync_seconds'] or 0:>5.3f} s "
                       f"{drops_text:>14}  {result['receiver_drops']}")  # fmt: skip
                 if args.json:
                     with args.json.open("a") as handle:
                         handle.write(json.dumps(result) + "\n")
+        print("of it sha1: CPU of the receiver's hashing thread, which computes the image's SHA-1 while blocks arrive; "
+              "sha1 at end: what it had not hashed when the last block was verified, and the time to finish it; "
+              "sync: the final fsync")
         print("kernel drops: datagrams the receiver's socket dropped for a full buffer (<=: GSO batches dropped whole, "
               "counted at the sender's batch size), hashing and syncing after the last block included")
     return 0

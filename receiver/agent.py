@@ -218,6 +218,14 @@ class ReceiveResult:
     """All-zero frames of the other blocks the stream announced (never sent), zeroed on the target."""
     pump_cpu_seconds: float = 0.0
     """CPU time of the datagram loop's thread (hashing runs in another)."""
+    sha1_cpu_seconds: float = 0.0
+    """CPU time of the hashing thread (the whole image's SHA-1, computed while the blocks came in)."""
+    hash_tail_seconds: float = 0.0
+    """From the last block verified to the image's SHA-1 known: the hashing that was left for the end."""
+    unhashed_at_end: int = 0
+    """Bytes the SHA-1 had not covered yet when the last block was verified (hashed after it)."""
+    sync_seconds: float = 0.0
+    """The final sync of the target."""
     resumed_blocks: int = 0
     """Blocks verified by an interrupted receive and not received again."""
     bytes_received: int = 0
@@ -285,6 +293,10 @@ class ReceiveResult:
             "zero_blocks": self.zero_blocks,
             "zero_frames": self.zero_frames,
             "pump_cpu_seconds": round(self.pump_cpu_seconds, 3),
+            "sha1_cpu_seconds": round(self.sha1_cpu_seconds, 3),
+            "hash_tail_seconds": round(self.hash_tail_seconds, 4),
+            "unhashed_at_end": self.unhashed_at_end,
+            "sync_seconds": round(self.sync_seconds, 4),
             "resumed_blocks": self.resumed_blocks,
             "bytes_received": self.bytes_received,
             "repair_requests": self.repair_requests,
@@ -632,6 +644,10 @@ async def _run_pump(run: _Run, group_socket: GroupSocket, outcome: _Outcome, can
                 zero_blocks=result.zero_blocks,
                 zero_frames=result.zero_frames,
                 pump_cpu_seconds=result.cpu_seconds,
+                sha1_cpu_seconds=result.sha1_cpu_seconds,
+                hash_tail_seconds=result.hash_tail_seconds,
+                unhashed_at_end=result.unhashed_at_end,
+                sync_seconds=result.sync_seconds,
                 resumed_blocks=result.resumed_blocks,
                 bytes_received=result.multicast_bytes + result.fetched_bytes,
                 repair_requests=repairs.requests_sent if repairs is not None else 0,

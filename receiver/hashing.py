@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import queue
+import time
 from collections.abc import Callable
 
 from vmcast.protocol import Layout
@@ -70,6 +71,10 @@ class Sha1Cursor:
         self._start()
         self.hashed_bytes = 0
         """Bytes hashed so far, for progress (written by the thread, read by anyone)."""
+        self.cpu_seconds = 0.0
+        """CPU time of the thread, once it has ended (`close`, then join it)."""
+        self.unhashed_at_digest = 0
+        """Bytes of the image not hashed yet when the digest was asked for: what was left for the end."""
 
     def _start(self) -> None:
         self._sha1 = hashlib.sha1()
@@ -122,6 +127,13 @@ class Sha1Cursor:
     # -- the thread ---------------------------------------------------------------------------------------------
 
     def run(self) -> None:
+        started = time.thread_time()
+        try:
+            self._run()
+        finally:
+            self.cpu_seconds = time.thread_time() - started
+
+    def _run(self) -> None:
         while True:
             if self._error is None and self._cursor < self._layout.block_count and self._verified[self._cursor]:
                 # Read what came in first, so buffers the pump lent go back to it as soon as possible.
@@ -151,6 +163,7 @@ class Sha1Cursor:
             self._start()
         elif kind == _DIGEST:
             self._digest_wanted = True
+            self.unhashed_at_digest = self._layout.length - self.hashed_bytes
         else:
             block, buffer = message
             self._verified[block] = 1

@@ -204,6 +204,14 @@ class PumpResult:
     """Decodes that needed one more symbol (not fatal: the planner asks for more)."""
     recovery_cpu_seconds: float = 0.0
     """CPU time of the pump's thread spent reading blocks back and decoding them (part of `cpu_seconds`)."""
+    sha1_cpu_seconds: float = 0.0
+    """CPU time of the hashing thread: the whole image's SHA-1, computed while the blocks came in."""
+    hash_tail_seconds: float = 0.0
+    """From the last block verified to the image's SHA-1 known: the hashing left for the end."""
+    unhashed_at_end: int = 0
+    """Bytes not hashed yet when the last block was verified."""
+    sync_seconds: float = 0.0
+    """The final sync of the target."""
 
 
 class Pump:
@@ -242,6 +250,8 @@ class Pump:
         self._target: Target | None = None
         self._cursor: Sha1Cursor | None = None
         self._cursor_thread: threading.Thread | None = None
+        self._hash_tail_seconds = 0.0
+        self._sync_seconds = 0.0
         self._scratch: bytearray | None = None
         self._corrupt_repeats: Counter[int] = Counter()
         self._same_corruption: Counter[tuple[int, int]] = Counter()
@@ -360,6 +370,10 @@ class Pump:
                 recovered_frames=self.recovered_frames,
                 recovery_failures=self.recovery_failures,
                 recovery_cpu_seconds=self.recovery_cpu_seconds,
+                sha1_cpu_seconds=self._cursor.cpu_seconds if self._cursor is not None else 0.0,
+                hash_tail_seconds=self._hash_tail_seconds,
+                unhashed_at_end=self._cursor.unhashed_at_digest if self._cursor is not None else 0,
+                sync_seconds=self._sync_seconds,
             )
         return self._result
 
@@ -708,9 +722,11 @@ class Pump:
 
     def _finish_image(self) -> None:
         self.phase = Phase.HASHING
+        hashing_from = time.monotonic()
         sha1 = self._sha1_cursor().digest(stopped=self.stopped)
         if sha1 is None:
             return  # stopped while hashing
+        self._hash_tail_seconds = time.monotonic() - hashing_from
         event = self.assembly.check_image(sha1)
         if not isinstance(event, ImageVerified):
             self._image_mismatches += 1
@@ -721,7 +737,9 @@ class Pump:
             self.phase = Phase.RECEIVING
             return
         self.phase = Phase.SYNCING
+        syncing_from = time.monotonic()
         self._target.sync()
+        self._sync_seconds = time.monotonic() - syncing_from
         self.phase = Phase.VERIFIED
         self._finished_at = time.monotonic()
         self._verified_sha1 = event.sha1

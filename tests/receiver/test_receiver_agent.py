@@ -271,3 +271,15 @@ async def test_the_lease_is_released_once_every_block_is_verified_and_taken_agai
     assert list(lease_server.leases)[:2] == ["lease-1", "lease-2"], "taken again after the first SHA-1 failed"
     assert lease_server.released[:2] == ["lease-1", "lease-2"]
     assert set(lease_server.released) == set(lease_server.leases), "every lease released in the end"
+
+
+async def test_the_sha1_is_computed_while_the_blocks_arrive_so_little_is_left_for_the_end(make_sender, tmp_path):
+    # 8 MiB at 5 MB/s: about 1.7 s of arrivals, time enough for the hashing thread to follow the blocks.
+    image = os.urandom(8 << 20)
+    sender = make_sender(image, rate=5e6).start()
+    result = await receive(direct(sender, tmp_path / "out.raw"))
+    assert result.sha1 == sha1_of(image)
+    summary = result.as_dict()
+    assert summary["sha1_cpu_seconds"] > 0
+    assert summary["unhashed_at_end"] <= len(image) // 2, "most of the image was hashed before its last block came"
+    assert summary["hash_tail_seconds"] >= 0 and summary["sync_seconds"] >= 0
