@@ -90,7 +90,7 @@ def receive(
     fallback_after: Annotated[float, typer.Option(min=0.1, help="With a server: when nothing of the stream arrived by multicast within this many seconds of joining, fetch the image by HTTP instead (GET /v1/streams/ID/data with Range). HTTP also fetches the last few blocks (at most 1% of them, or 16) still missing a whole loop after joining.")] = DEFAULT_FALLBACK_AFTER,
     no_fallback: Annotated[bool, typer.Option("--no-fallback", help="Never fetch by HTTP: what multicast loses comes from repair requests and the next loop.")] = False,
     no_repair: Annotated[bool, typer.Option("--no-repair", help="With a server: send no repair requests (UDP, to the server's repair port) for lost frames; they come from the next loop or the HTTP fallback.")] = False,
-    min_receivers: Annotated[int | None, typer.Option(min=1, help="With a server, if this receiver's lease starts the stream: the server sends only metadata until this many receivers have joined, then starts at the image's first frame (like udp-sender --min-receivers; give every receiver started together the same N; 1 = this one, which then misses nothing of the first loop). Each receiver says when it has joined.", show_default=False)] = None,
+    min_receivers: Annotated[int | None, typer.Option(min=1, help="With a server, if this receiver's lease starts the stream: the server sends only metadata until this many receivers have joined, then starts at the image's first frame (like udp-sender --min-receivers; give every receiver started together the same N). Each receiver says when it has joined. Default 1: a stream this receiver starts waits for its join, so it misses nothing of the first loop.", show_default=False)] = None,
     max_wait: Annotated[float | None, typer.Option(min=0.001, help="With --min-receivers: the stream starts anyway after this many seconds (default: the server's, 30).", show_default=False)] = None,
     no_gro: Annotated[bool, typer.Option("--no-gro", help="Do not ask the kernel for UDP GRO: one datagram per receive system call instead of up to 64 KiB of them (for comparison; GRO is off by itself where the kernel lacks it).")] = False,
     rcvbuf: Annotated[str, typer.Option(help="Socket receive buffer to ask for, in bytes; suffixes k, m, g (powers of 1024). Linux doubles it for its bookkeeping; without root it is capped at net.core.rmem_max. A larger buffer rides out longer pauses of the receiver without losing datagrams.")] = f"{RECEIVE_BUFFER >> 20}m",
@@ -311,8 +311,10 @@ def _request(
         if mixed:
             raise typer.BadParameter("not with a server: the lease says where the stream is", param_hint=" / ".join(mixed))
         url = _parse_server(server)
+        # A stream this receiver starts holds at least until the receiver has joined: between the lease and
+        # the join (tens to hundreds of ms) it would otherwise send frames only the next loop brings.
         source: FromServer | FromGroup = FromServer(
-            server=url, image=image, format=image_format or DEFAULT_FORMAT, min_receivers=min_receivers, max_wait=max_wait
+            server=url, image=image, format=image_format or DEFAULT_FORMAT, min_receivers=min_receivers or 1, max_wait=max_wait
         )
         if fallback_after is not None and fallback_after >= timeout:
             raise typer.BadParameter(

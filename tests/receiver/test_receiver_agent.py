@@ -274,10 +274,19 @@ async def test_the_lease_is_released_once_every_block_is_verified_and_taken_agai
 
 
 async def test_the_sha1_is_computed_while_the_blocks_arrive_so_little_is_left_for_the_end(make_sender, tmp_path):
-    # 8 MiB at 5 MB/s: about 1.7 s of arrivals, time enough for the hashing thread to follow the blocks.
+    # 8 MiB at 5 MB/s, the receiver joined before the first frame: the blocks come in order over ~1.7 s, and
+    # the hashing thread follows them (a receiver that joins mid-loop waits for the wrap to hash block 0 on).
     image = os.urandom(8 << 20)
-    sender = make_sender(image, rate=5e6).start()
-    result = await receive(direct(sender, tmp_path / "out.raw"))
+    sender = make_sender(image, rate=5e6)
+    outcome = []
+    async with trio.open_nursery() as nursery:
+
+        async def run(task_status=trio.TASK_STATUS_IGNORED):
+            outcome.append(await receive(direct(sender, tmp_path / "out.raw"), task_status=task_status))
+
+        await nursery.start(run)  # joined
+        sender.start()
+    [result] = outcome
     assert result.sha1 == sha1_of(image)
     summary = result.as_dict()
     assert summary["sha1_cpu_seconds"] > 0
