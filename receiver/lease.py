@@ -14,6 +14,7 @@ Resource handling: the caller owns the `httpx.AsyncClient`.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Annotated
 
@@ -23,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ServerError
 from .multicast import is_multicast
+
+log = logging.getLogger(__name__)
 
 # The API answers at once; anything slower is a server in trouble, better reported than waited for.
 REQUEST_TIMEOUT = 10.0
@@ -104,6 +107,11 @@ class LeaseClient:
         if min_receivers is not None:
             body |= {"min_receivers": min_receivers} | ({"max_wait": max_wait} if max_wait is not None else {})
         response = await self._request("POST", url, json=body)
+        if response.status_code == 422 and len(body) > 2 and _refuses_fields(response, {"min_receivers", "max_wait"}):
+            # A server older than holding (its API forbids fields it does not know): ask as it understands.
+            log.warning("the server at %s does not hold streams for receivers; the stream starts at once", self.server)
+            body = {"image": image, "format": format}
+            response = await self._request("POST", url, json=body)
         if response.status_code == 404:
             raise ServerError(url=url, status=404, reason=f"no image {image!r} ({response_detail(response)})")
         if response.status_code == 422:
@@ -157,6 +165,15 @@ def response_detail(response: httpx.Response) -> str:
         text = re.sub(r"\s+", " ", response.text).strip()
         return text[:200] or response.reason_phrase
     return detail if isinstance(detail, str) else str(detail)[:200]
+
+
+def _refuses_fields(response: httpx.Response, fields: set[str]) -> bool:
+    """Whether a 422 answer (FastAPI's validation detail) refuses some of `fields` as unknown ("extra_forbidden")."""
+    try:
+        detail = response.json()["detail"]
+        return any(item["type"] == "extra_forbidden" and item["loc"][-1] in fields for item in detail)
+    except (ValueError, KeyError, TypeError, IndexError):
+        return False
 
 
 def _first_error(error: pydantic.ValidationError) -> str:

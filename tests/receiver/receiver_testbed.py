@@ -265,7 +265,8 @@ class LeaseServer:
     It stands in for the real server (server/), which is tested end to end with the receiver in tests/e2e;
     here a test can shape what the server answers. Like the real one, it shares one stream per image
     between leases, and with ``lease_ttl`` set it asks for renewals; ``end_leases_on_renewal`` makes the
-    next renewals answer 404, as for a lease that expired.
+    next renewals answer 404, as for a lease that expired; ``without_hold`` answers a start that asks for
+    ``min_receivers`` or ``max_wait`` as a server from before holding did (FastAPI's 422, extra fields forbidden).
     """
 
     images: dict[str, bytes]
@@ -274,6 +275,8 @@ class LeaseServer:
     announce_block_size: bool = True  # the real server does; the API as first specified did not
     lease_ttl: float | None = None
     end_leases_on_renewal: int = 0
+    without_hold: bool = False
+    starts: list[dict] = field(default_factory=list)
     streams: dict[str, Sender] = field(default_factory=dict)
     leases: dict[str, Sender] = field(default_factory=dict)
     released: list[str] = field(default_factory=list)
@@ -301,6 +304,13 @@ class LeaseServer:
                 if self.path != "/v1/streams":
                     return self._answer(404, {"detail": "Not Found"})
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.starts.append(request)
+                extra = [key for key in ("min_receivers", "max_wait") if key in request] if server.without_hold else []
+                if extra:
+                    return self._answer(422, {"detail": [
+                        {"type": "extra_forbidden", "loc": ["body", key], "msg": "Extra inputs are not permitted", "input": request[key]}
+                        for key in extra
+                    ]})  # fmt: skip
                 name = request.get("image")
                 if name not in server.images:
                     return self._answer(404, {"detail": f"no image {name!r}"})

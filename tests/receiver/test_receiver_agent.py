@@ -292,3 +292,20 @@ async def test_the_sha1_is_computed_while_the_blocks_arrive_so_little_is_left_fo
     assert summary["sha1_cpu_seconds"] > 0
     assert summary["unhashed_at_end"] <= len(image) // 2, "most of the image was hashed before its last block came"
     assert summary["hash_tail_seconds"] >= 0 and summary["sync_seconds"] >= 0
+
+
+async def test_a_server_from_before_holding_is_asked_again_without_it(image, lease_server, tmp_path):
+    # Receivers and servers are upgraded apart: a receiver that asks for a hold still gets its stream from a
+    # server whose API refuses the fields it does not know.
+    lease_server.without_hold = True
+    request = ReceiveRequest(source=FromServer(server=lease_server.url, image="test-image", min_receivers=1), output=str(tmp_path / "out.raw"), timeout=TIMEOUT)
+    result = await receive(request)
+    assert result.sha1 == sha1_of(image)
+    assert [("min_receivers" in start) for start in lease_server.starts] == [True, False]
+
+
+async def test_a_422_that_is_not_about_the_hold_is_still_a_clear_format_error(lease_server, tmp_path):
+    request = ReceiveRequest(source=FromServer(server=lease_server.url, image="test-image", format="vhdx", min_receivers=1), output=str(tmp_path / "out.raw"), timeout=TIMEOUT)
+    with pytest.raises(ServerError, match="refused format 'vhdx'"):
+        await receive(request)
+    assert len(lease_server.starts) == 1, "asked once: the refusal was not about the hold"
