@@ -47,8 +47,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vmcast.protocol import Manifest
-
 from .defaults import DEFAULT_MAX_WAIT
 from .errors import (
     GroupsExhausted,
@@ -162,7 +160,8 @@ class _Stream:
         self.joined: set[str] = set()
         """Active leases whose holders said they joined the group (counted while the sender holds)."""
         self.created_at = time.time()
-        self.zero_bytes = zero_bytes_of(image.manifest)  # once: a status is asked for at every metrics scrape
+        # Bytes a loop never sends (zero blocks and zero frames): once, a status is asked at every metrics scrape.
+        self.zero_bytes = image.manifest.unsent_bytes()
 
     def stored(self) -> StoredStream:
         return StoredStream(
@@ -604,11 +603,6 @@ class Registry:
             waiting_for=max(0, stream.min_receivers - len(stream.joined)) if stream.sender.holding else 0,
             sender=stream.sender.stats(),
         )
-
-
-def zero_bytes_of(manifest: Manifest) -> int:
-    """How many of the image's bytes a loop never sends: its zero blocks and zero frames."""
-    return manifest.unsent_bytes()
 
 
 def _stored_lease(lease: Lease) -> StoredLease:

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 
 import pytest
 
@@ -27,6 +28,7 @@ from .bed_helpers import (
     FRAME_PAYLOAD,
     PARITY_ASKER_SCRIPT,
     RELAY_SCRIPT,
+    Bed,
     Receiver,
     ReceiverOutcome,
     assert_verified,
@@ -241,6 +243,27 @@ RELAY_GROUP = "239.213.1.1"
 CORRUPT_SHARE = 0.001
 
 
+def _start_relay(bed: Bed, lease: dict, *, seed: int, corruption: Sequence[str]) -> subprocess.Popen:
+    """The corrupting relay on the sender: from the server's group on its loopback onto RELAY_GROUP over the
+    bed, corrupting as `corruption` (relay options) says; returned once it said it is ready."""
+    relay_argv = [
+        sys.executable, str(RELAY_SCRIPT), "--from-group", lease["group"], "--from-interface", "127.0.0.1",
+        "--port", str(lease["port"]), "--to-group", RELAY_GROUP, "--to-interface", bed.sender.address,
+        *corruption, "--seed", str(seed),
+    ]  # fmt: skip
+    relay = bed.start_on_sender(relay_argv, stdout=subprocess.PIPE, text=True)
+    assert relay.stdout.readline().strip() == "ready", "the relay did not start"
+    return relay
+
+
+def _relay_receivers(bed: Bed, lease: dict, count: int) -> list[Receiver]:
+    """`count` receivers joined to the relay's group without a server (so they ask for nothing), started."""
+    return [
+        bed.group_receiver(index, group=RELAY_GROUP, port=lease["port"], cookie=lease["cookie"]).start()
+        for index in range(count)
+    ]
+
+
 def test_datagrams_corrupted_in_flight_are_detected_taken_again_and_never_reported_good(image: Image, tmp_path) -> None:
     seed = run_seed()
     with netbed(tmp_path, receiver_loss=[0.0, 0.0, 1.0]) as bed:
@@ -249,17 +272,8 @@ def test_datagrams_corrupted_in_flight_are_detected_taken_again_and_never_report
         # renews the test's lease: a long TTL keeps the stream up, and the test releases it at the end.
         bed.serve(image.directory, "--lease-ttl", "600", interface="127.0.0.1")
         lease = bed.start_stream(image.name)
-        relay_argv = [
-            sys.executable, str(RELAY_SCRIPT), "--from-group", lease["group"], "--from-interface", "127.0.0.1",
-            "--port", str(lease["port"]), "--to-group", RELAY_GROUP, "--to-interface", bed.sender.address,
-            "--corrupt", str(CORRUPT_SHARE), "--seed", str(seed),
-        ]  # fmt: skip
-        relay = bed.start_on_sender(relay_argv, stdout=subprocess.PIPE, text=True)
-        assert relay.stdout.readline().strip() == "ready", "the relay did not start"
-        receivers = [
-            bed.group_receiver(index, group=RELAY_GROUP, port=lease["port"], cookie=lease["cookie"]).start()
-            for index in range(3)
-        ]
+        relay = _start_relay(bed, lease, seed=seed, corruption=["--corrupt", str(CORRUPT_SHARE)])
+        receivers = _relay_receivers(bed, lease, 3)
         outcomes = [receiver.wait(timeout=120) for receiver in receivers]
         relay.send_signal(signal.SIGINT)
         relay_out, _ = relay.communicate(timeout=10)
@@ -296,13 +310,7 @@ def test_parity_corrupted_in_flight_decodes_to_wrong_blocks_that_are_caught_and_
         bed.serve(image.directory, "--lease-ttl", "600", "--fec", interface="127.0.0.1")
         lease = bed.start_stream(image.name)
         assert lease["fec"] == "raptorq", lease
-        relay_argv = [
-            sys.executable, str(RELAY_SCRIPT), "--from-group", lease["group"], "--from-interface", "127.0.0.1",
-            "--port", str(lease["port"]), "--to-group", RELAY_GROUP, "--to-interface", bed.sender.address,
-            "--corrupt", "0", "--corrupt-parity", str(PARITY_CORRUPT_SHARE), "--seed", str(seed),
-        ]  # fmt: skip
-        relay = bed.start_on_sender(relay_argv, stdout=subprocess.PIPE, text=True)
-        assert relay.stdout.readline().strip() == "ready", "the relay did not start"
+        relay = _start_relay(bed, lease, seed=seed, corruption=["--corrupt", "0", "--corrupt-parity", str(PARITY_CORRUPT_SHARE)])
         blocks = -(-lease["len"] // lease["block_size"])
         asker_argv = [
             sys.executable, str(PARITY_ASKER_SCRIPT), "--server", bed.sender.address, "--repair-port",
@@ -314,10 +322,7 @@ def test_parity_corrupted_in_flight_decodes_to_wrong_blocks_that_are_caught_and_
         ]  # fmt: skip
         asker = bed.start_on_sender(asker_argv, stdout=subprocess.PIPE, text=True)
         assert asker.stdout.readline().strip() == "ready", "the parity asker did not start"
-        receivers = [
-            bed.group_receiver(index, group=RELAY_GROUP, port=lease["port"], cookie=lease["cookie"]).start()
-            for index in range(2)
-        ]
+        receivers = _relay_receivers(bed, lease, 2)
         outcomes = [receiver.wait(timeout=120) for receiver in receivers]
         for helper in (asker, relay):
             helper.send_signal(signal.SIGINT)
