@@ -60,7 +60,7 @@ import trio
 from vmcast.protocol import PROTOCOL_VERSION, Assembly, StreamMetadata, encode_metadata
 from vmcast.protocol.repair import REREQUEST_AFTER
 
-from .errors import Interrupted, JoinFailed, NoData, ReceiveError, StreamBroken
+from .errors import Interrupted, JoinFailed, NoData, NoStream, ReceiveError, StreamBroken
 from .fallback import FallbackSettings, FallbackStats, fetch_when_needed
 from .lease import Lease, LeaseClient
 from .multicast import (
@@ -121,6 +121,9 @@ class FromServer:
     (None: it starts at once)."""
     max_wait: float | None = None
     """With `min_receivers`: the longest hold, in seconds (None: the server's default)."""
+    wait_for_stream: float | None = None
+    """Start no stream: wait up to this many seconds for someone else to start the image's stream, then join
+    it (`NoStream` if none starts). None: start it if it does not run."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -717,6 +720,10 @@ async def _watchdog(pump: Pump, outcome: _Outcome, timeout: float, group_socket:
 
 
 async def _hold_lease(leases: LeaseClient, source: FromServer, need: _StreamNeed, outcome: _Outcome, cancel_scope: trio.CancelScope, *, task_status: trio.TaskStatus[Lease]) -> None:
+    if source.wait_for_stream is not None:
+        log.info("waiting up to %g s for a stream of %s as %s to start on %s", source.wait_for_stream, source.image, source.format, source.server)
+        if not await leases.wait_for_stream(image=source.image, format=source.format, timeout=source.wait_for_stream):
+            raise NoStream(server=source.server, image=source.image, format=source.format, waited=source.wait_for_stream)
     first = await leases.acquire(image=source.image, format=source.format, min_receivers=source.min_receivers, max_wait=source.max_wait)
     lease: Lease | None = first
     try:

@@ -92,6 +92,7 @@ def receive(
     no_repair: Annotated[bool, typer.Option("--no-repair", help="With a server: send no repair requests (UDP, to the server's repair port) for lost frames; they come from the next loop or the HTTP fallback.")] = False,
     min_receivers: Annotated[int | None, typer.Option(min=1, help="With a server, if this receiver's lease starts the stream: the server sends only metadata until this many receivers have joined, then starts at the image's first frame (like udp-sender --min-receivers; give every receiver started together the same N). Each receiver says when it has joined. Default 1: a stream this receiver starts waits for its join, so it misses nothing of the first loop.", show_default=False)] = None,
     max_wait: Annotated[float | None, typer.Option(min=0.001, help="With --min-receivers: the stream starts anyway after this many seconds (default: the server's, 30).", show_default=False)] = None,
+    wait_for_stream: Annotated[float | None, typer.Option(min=0.001, metavar="SECONDS", help="With a server: start no stream; wait up to this many seconds for one of IMAGE to be started (by vmcast stream start, another receiver, or POST /v1/streams), then join it; exit 6 if none starts. Start receivers first and the stream after, like udp-receiver before udp-sender: e.g. every receiver with --wait-for-stream 600, then vmcast stream start IMAGE --min-receivers N.", show_default=False)] = None,
     no_gro: Annotated[bool, typer.Option("--no-gro", help="Do not ask the kernel for UDP GRO: one datagram per receive system call instead of up to 64 KiB of them (for comparison; GRO is off by itself where the kernel lacks it).")] = False,
     rcvbuf: Annotated[str, typer.Option(help="Socket receive buffer to ask for, in bytes; suffixes k, m, g (powers of 1024). Linux doubles it for its bookkeeping; without root it is capped at net.core.rmem_max. A larger buffer rides out longer pauses of the receiver without losing datagrams.")] = f"{RECEIVE_BUFFER >> 20}m",
     force: Annotated[bool, typer.Option("--force", help="Write a block device that is in use, or overwrite a non-empty file that is not an earlier receive of this image.")] = False,
@@ -136,6 +137,7 @@ def receive(
         output=output, image=image, server=server, image_format=image_format, group=group, port=port, cookie=cookie,
         interface=interface, timeout=timeout, force=force, fallback_after=None if no_fallback else fallback_after,
         no_repair=no_repair, rcvbuf=rcvbuf, gro=not no_gro, min_receivers=min_receivers, max_wait=max_wait,
+        wait_for_stream=wait_for_stream,
     )  # fmt: skip
     registration = _registration(register=register, name=name, visibility=visibility, os_cloud=os_cloud, region=region)
     code = run(request, as_json=as_json, registration=registration)
@@ -300,7 +302,7 @@ def parse_size(text: str) -> int:
 def _request(
     *, output: str, image: str | None, server: str | None, image_format: str | None, group: str | None, port: int | None,
     cookie: str | None, interface: str | None, timeout: float, force: bool, fallback_after: float | None, no_repair: bool, rcvbuf: str,
-    gro: bool = True, min_receivers: int | None = None, max_wait: float | None = None,
+    gro: bool = True, min_receivers: int | None = None, max_wait: float | None = None, wait_for_stream: float | None = None,
 ) -> ReceiveRequest:  # fmt: skip
     """Check the options' combinations and turn them into a request; a bad one is a usage error (exit 2)."""
     direct = {"--group": group, "--port": port, "--cookie": cookie}
@@ -314,7 +316,8 @@ def _request(
         # A stream this receiver starts holds at least until the receiver has joined: between the lease and
         # the join (tens to hundreds of ms) it would otherwise send frames only the next loop brings.
         source: FromServer | FromGroup = FromServer(
-            server=url, image=image, format=image_format or DEFAULT_FORMAT, min_receivers=min_receivers or 1, max_wait=max_wait
+            server=url, image=image, format=image_format or DEFAULT_FORMAT, min_receivers=min_receivers or 1, max_wait=max_wait,
+            wait_for_stream=wait_for_stream,
         )
         if fallback_after is not None and fallback_after >= timeout:
             raise typer.BadParameter(
@@ -330,6 +333,8 @@ def _request(
             raise typer.BadParameter("needs a server: without one the sender decides the format", param_hint="--format")
         if min_receivers is not None or max_wait is not None:
             raise typer.BadParameter("needs a server: it is the server that holds a stream for receivers", param_hint="--min-receivers / --max-wait")
+        if wait_for_stream is not None:
+            raise typer.BadParameter("needs a server: without one, the receiver joins the group and waits for its datagrams (see --timeout)", param_hint="--wait-for-stream")
         if not is_multicast(group):
             raise typer.BadParameter(f"{group!r} is not an IPv4 multicast address (224.0.0.0/4)", param_hint="--group")
         if not re.fullmatch(r"[0-9a-fA-F]{16}", cookie):

@@ -119,6 +119,19 @@ class NoData(ReceiveError):
         self.interface = interface
 
 
+class NoStream(ReceiveError):
+    """No stream of the image started within the time the receiver was told to wait for one (--wait-for-stream)."""
+
+    exit_code = EXIT_NO_DATA
+
+    def __init__(self, *, server: str, image: str, format: str, waited: float) -> None:
+        super().__init__(f"no stream of {image!r} as {format} started on {server} within {waited:g} s")
+        self.server = server
+        self.image = image
+        self.format = format
+        self.waited = waited
+
+
 class Interrupted(ReceiveError):
     """A signal (Ctrl-C, SIGTERM) stopped the receive."""
 

@@ -1,5 +1,7 @@
 """The vmcast server's stream API, as a receiver uses it: take a lease on an image's stream, keep it, release it.
 
+``GET /v1/streams?image=&format=&wait=`` -> 200 with the running streams of that image, after waiting up to
+``wait`` seconds for one to start (`LeaseClient.wait_for_stream`).
 ``POST /v1/streams {"image", "format"[, "min_receivers", "max_wait"]}`` -> 201 with the stream to join
 (`Lease`); 404 unknown image, 422 unknown format, each with ``{"detail": ...}``. When the answer's
 ``waiting_for`` is above 0 the stream holds (metadata only) for receivers: ``POST /v1/leases/{lease_id}/joined``
@@ -20,6 +22,7 @@ from typing import Annotated
 
 import httpx
 import pydantic
+import trio
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ServerError
@@ -29,6 +32,11 @@ log = logging.getLogger(__name__)
 
 # The API answers at once; anything slower is a server in trouble, better reported than waited for.
 REQUEST_TIMEOUT = 10.0
+# One long poll for a stream to start: well under the idle timeouts of proxies (and the server's cap, 60 s).
+LONG_POLL = 30.0
+# Between two looks for a stream that has not started, at least this long: a server from before long polls
+# answers at once, and must not be asked in a tight loop.
+LOOK_INTERVAL = 1.0
 
 
 class Lease(BaseModel):
@@ -123,6 +131,30 @@ class LeaseClient:
         except pydantic.ValidationError as error:
             raise ServerError(url=url, status=response.status_code, reason=f"the answer does not describe a stream: {_first_error(error)}") from error
 
+    async def wait_for_stream(self, *, image: str, format: str, timeout: float) -> bool:
+        """Wait up to `timeout` seconds until a stream of `image` in `format` runs (started by an operator or
+        another receiver); True as soon as one does, False if none started in time. The server answers each
+        long poll the moment any stream starts, so this returns within a round trip of the start."""
+        url = f"{self.server}/v1/streams"
+        deadline = trio.current_time() + timeout
+        while True:
+            asked_at = trio.current_time()
+            wait = max(0.0, min(LONG_POLL, deadline - asked_at))
+            params = {"image": image, "format": format, "wait": f"{wait:.3f}"}
+            response = await self._request("GET", url, params=params, timeout=REQUEST_TIMEOUT + wait)
+            if response.status_code != 200:
+                raise ServerError(url=url, status=response.status_code, reason=response_detail(response))
+            try:
+                streams = response.json()
+                if any(s["image"] == image and s["format"] == format and s["state"] == "running" for s in streams):
+                    return True
+            except (ValueError, KeyError, TypeError) as error:
+                raise ServerError(url=url, status=200, reason="the answer is not a list of streams") from error
+            now = trio.current_time()
+            if now >= deadline:
+                return False
+            await trio.sleep(min(deadline - now, max(0.0, LOOK_INTERVAL - (now - asked_at))))
+
     async def renew(self, lease_id: str) -> bool:
         """Keep a lease alive for another TTL; False when it has ended already (expired, or unknown)."""
         url = f"{self.server}/v1/leases/{lease_id}/renew"
@@ -150,9 +182,9 @@ class LeaseClient:
         if response.status_code not in (200, 202, 204, 404):
             raise ServerError(url=url, status=response.status_code, reason=response_detail(response))
 
-    async def _request(self, method: str, url: str, **kwargs: object) -> httpx.Response:
+    async def _request(self, method: str, url: str, *, timeout: float = REQUEST_TIMEOUT, **kwargs: object) -> httpx.Response:
         try:
-            return await self._client.request(method, url, timeout=REQUEST_TIMEOUT, **kwargs)
+            return await self._client.request(method, url, timeout=timeout, **kwargs)
         except httpx.HTTPError as error:
             raise ServerError(url=url, reason=f"unreachable: {error or type(error).__name__}") from error
 

@@ -10,6 +10,7 @@ repair listener and the lease reaper, and on the way out stops them all and clos
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -24,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from .api import health, images, leases, metrics, stream_data, streams
 from .api.errors import install_error_handlers
 from .api.stream_data import CHUNK, RangeCounters
+from .api.stream_starts import StreamStarts
 from .catalog import Catalog
 from .conversion import Converter
 from .errors import ConfigurationError
@@ -174,6 +176,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     else:
         services = await anyio.to_thread.run_sync(start_services, settings)
     app.state.services = services
+    app.state.stream_starts = StreamStarts(asyncio.get_running_loop())
+    services.registry.on_stream_started = app.state.stream_starts.notify
     try:
         resumed = await anyio.to_thread.run_sync(services.registry.resume, services.prepare_recorded)
         services.repair_listener.start()

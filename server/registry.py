@@ -221,6 +221,8 @@ class Registry:
         self.leases_expired = 0
         self.parity_workers = ParityWorkers()
         """The processes that make RaptorQ parity for every stream (started when first asked; `close` ends them)."""
+        self.on_stream_started: Callable[[], None] | None = None
+        """Called, under the registry's lock, whenever a stream starts or resumes; must not block."""
 
     # -- leases ------------------------------------------------------------------------------------------------
 
@@ -562,6 +564,8 @@ class Registry:
         self._running[stream.stream_id] = stream
         self._by_key[stream.key] = stream
         self._by_cookie = {**self._by_cookie, stream.cookie: stream.sender}
+        if self.on_stream_started is not None:
+            self.on_stream_started()
 
     def _retire(self, stream: _Stream) -> Sender:
         del self._running[stream.stream_id]

@@ -13,6 +13,7 @@ from fastapi import Depends, Request
 from ..catalog import Catalog
 from ..preparation import Preparer
 from ..registry import Registry
+from .stream_starts import StreamStarts
 
 
 def get_catalog(request: Request) -> Catalog:
@@ -27,6 +28,11 @@ def get_registry(request: Request) -> Registry:
     return request.app.state.services.registry
 
 
+def get_stream_starts(request: Request) -> StreamStarts:
+    return request.app.state.stream_starts
+
+
 CatalogDep = Annotated[Catalog, Depends(get_catalog)]
 PreparerDep = Annotated[Preparer, Depends(get_preparer)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
+StreamStartsDep = Annotated[StreamStarts, Depends(get_stream_starts)]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+import time
+from typing import Annotated
 
-from .deps import CatalogDep, PreparerDep, RegistryDep
+from fastapi import APIRouter, Query, status
+
+from .deps import CatalogDep, PreparerDep, RegistryDep, StreamStartsDep
 from .schemas import ErrorBody, Stream, StreamRequest, StreamStarted
 
 router = APIRouter(prefix="/v1/streams", tags=["streams"])
@@ -42,9 +45,32 @@ def start_stream(
     return StreamStarted.of(stream, lease)
 
 
-@router.get("", response_model=list[Stream], summary="List the running streams")
-def list_streams(registry: RegistryDep) -> list[Stream]:
-    return [Stream.of(stream) for stream in registry.list()]
+# A long poll longer than this risks the idle timeouts of proxies between receivers and the server.
+MAX_LIST_WAIT = 60.0
+
+
+@router.get("", response_model=list[Stream], summary="List the running streams, or wait for one to start")
+async def list_streams(
+    registry: RegistryDep,
+    stream_starts: StreamStartsDep,
+    image: Annotated[str | None, Query(max_length=8192, description="Only the streams of this image (its name as streams show it).")] = None,
+    format: Annotated[str | None, Query(max_length=32, description="Only the streams in this format.")] = None,
+    wait: Annotated[float, Query(ge=0, le=MAX_LIST_WAIT, description="When no stream matches: wait up to this many seconds for one to start, then answer (an empty list if none did).")] = 0,
+) -> list[Stream]:
+    """With `image` and `wait`, a receiver started before its stream waits here for an operator (or another
+    receiver) to start it, then joins it with `POST /v1/streams`, like udp-receiver waiting for udp-sender.
+    Every waiting request is woken when any stream starts; none costs anything while nothing does."""
+    deadline = time.monotonic() + wait
+    while True:
+        next_start = stream_starts.next_start()  # taken before looking, so a start in between is not missed
+        matching = [
+            Stream.of(stream) for stream in registry.list()
+            if (image is None or stream.image == image) and (format is None or stream.format == format)
+        ]  # fmt: skip
+        remaining = deadline - time.monotonic()
+        if matching or remaining <= 0:
+            return matching
+        await stream_starts.wait_for(next_start, remaining)
 
 
 @router.get(

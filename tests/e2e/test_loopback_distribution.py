@@ -120,3 +120,46 @@ def test_receivers_started_apart_with_min_receivers_share_one_loop_that_starts_w
     # Both joined before the first data frame left: one loop serves both (plus metadata, and what leaves
     # while the receivers hash, sync and release: far less than the two loops a 2 s head start would cost).
     assert final["datagrams_sent"] < frames * 1.5, f"{final['datagrams_sent']} datagrams for {frames} frames"
+
+
+def test_receivers_started_before_the_stream_wait_for_it_and_share_its_first_loop(tmp_path):
+    # Like udp-receiver before udp-sender: the receivers wait; an operator starts the stream for both.
+    images = tmp_path / "images"
+    images.mkdir()
+    expected = write_random_image(images / "disk.raw", 32)
+    frames = -(-(32 << 20) // 1400)
+    with running_server(images, tmp_path, "--rate", "300mbit") as url:
+        outputs = [tmp_path / f"out-{i}.raw" for i in range(2)]
+        receivers = [
+            start_receiver("disk.raw", "--server", url, "--output", str(output), "--wait-for-stream", "60", log=tmp_path / f"r{i}.log")
+            for i, output in enumerate(outputs)
+        ]
+        time.sleep(3.0)  # long enough for both to start and wait
+        assert httpx.get(f"{url}/v1/streams").json() == [], "a waiting receiver starts no stream"
+        assert all(process.poll() is None for process in receivers), "both still waiting"
+        operator = httpx.post(f"{url}/v1/streams", json={"image": "disk.raw", "min_receivers": 2, "max_wait": 60}).json()
+        assert operator["waiting_for"] == 2, "the operator's own lease does not count as a receiver"
+
+        for index, process in enumerate(receivers):
+            code, summary = receiver_result(process, timeout=120)
+            assert code == 0, (tmp_path / f"r{index}.log").read_text()[-2000:]
+            assert summary["sha1"] == expected == sha1_of(outputs[index])
+        final = httpx.get(f"{url}/v1/streams/{operator['stream_id']}").json()
+        assert final["references"] == 1, "the receivers released their leases; the operator's remains"
+        assert final["datagrams_sent"] < frames * 1.5, f"{final['datagrams_sent']} datagrams for {frames} frames"
+        httpx.delete(f"{url}/v1/leases/{operator['lease_id']}")
+    for index in range(2):
+        assert "waiting up to 60 s for a stream of disk.raw" in (tmp_path / f"r{index}.log").read_text()
+
+
+def test_a_receiver_waiting_for_a_stream_nobody_starts_gives_up_with_exit_6_and_starts_nothing(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    write_random_image(images / "disk.raw", 1)
+    with running_server(images, tmp_path) as url:
+        process = start_receiver("disk.raw", "--server", url, "--output", str(tmp_path / "out.raw"), "--wait-for-stream", "1.5", log=tmp_path / "r.log")
+        code, summary = receiver_result(process, timeout=60)
+        assert code == 6, (tmp_path / "r.log").read_text()
+        assert "no stream of 'disk.raw' as raw started" in summary["error"] and "within 1.5 s" in summary["error"]
+        assert httpx.get(f"{url}/v1/streams").json() == []
+        assert not (tmp_path / "out.raw").exists(), "nothing written while waiting"
