@@ -21,8 +21,8 @@ from typing import Any
 __all__ = ["INSTALL_HINT", "PlottingUnavailable", "load_records", "plot_results"]
 
 INSTALL_HINT = "pip install matplotlib  (planned: pip install -e '.[bench]')"
-TOOL_ORDER = ("vmcast", "udpcast", "uftp", "http")
-TOOL_STYLE = {"vmcast": "o-", "udpcast": "s-", "uftp": "^-", "http": "D-"}
+TOOL_ORDER = ("vmcast", "vmcast-wait", "udpcast", "uftp", "http")
+TOOL_STYLE = {"vmcast": "o-", "vmcast-wait": "o--", "udpcast": "s-", "uftp": "^-", "http": "D-"}
 
 
 class PlottingUnavailable(RuntimeError):

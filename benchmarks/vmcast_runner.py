@@ -12,14 +12,22 @@ What is timed, and what is not:
   waiting until that stream has stopped. That first start reads the whole image (SHA-256 content key,
   SHA-1 and per-block xxh3) and caches the result; a deployment's server does it once per image, so it is
   kept out of the timed number. The server's CPU up to the clock start is subtracted as well.
-* The clock starts when the receivers are *launched* (their Python start-up, lease request and join are
-  inside the number: unlike udp-receiver or uftpd, a vmcast receiver is what starts the stream). It stops
-  when the last receiver has exited **and** its output file was read back and its SHA-1 matched.
-  A receiver counts as verified only if its own JSON summary says ``verified`` with the expected ``sha1``
-  *and* the re-read file matches.
-* Every receiver runs with ``--min-receivers N``: the stream holds (metadata only) until all N have joined
-  and then starts at the image's first frame, as the peers are run (udp-sender ``--min-receivers N``, uftp
-  with the closed group ``-H``). Their start-up and join stay inside the timed number.
+* The clock starts, in the default mode (``receivers_wait=False``), when the receivers are *launched*: each
+  takes a lease, which starts the stream (their Python start-up, lease request and join are inside the
+  number). With ``receivers_wait=True`` the receivers are launched *before* the clock with
+  ``--wait-for-stream`` and the clock starts when they all wait, as udp-receiver and uftpd are started
+  before theirs; at the clock a helper in the sender namespace starts the stream as an operator would
+  (``POST /v1/streams`` with ``min_receivers`` N, its start-up inside the number) and releases its own lease
+  once all N joined.
+* The clock stops when the last receiver has exited with its copy verified: a vmcast receiver computes the
+  image's SHA-1 as blocks arrive, checks it, and fsyncs before it exits 0 with ``verified`` in its summary,
+  so its exit is the moment the copy is verified (the peers verify nothing: their copies count as verified
+  when the harness has read them back with the right SHA-1). The harness reads every vmcast copy back too,
+  after the clock: a receiver counts as verified only if its claim *and* that re-read hold. The time of the
+  re-read is kept as ``VmcastDetails.reread_seconds``.
+* Every receiver runs with ``--min-receivers N`` (in the waiting mode, the operator's start asks it): the
+  stream holds (metadata only) until all N have joined and then starts at the image's first frame, as the
+  peers are run (udp-sender ``--min-receivers N``, uftp with the closed group ``-H``).
 * ``sender_wire_bytes``: ``tx_bytes`` of the sender's ``lan0`` over the timed part (data, metadata, repair
   frames, HTTP answers, Ethernet headers included).
 * ``cpu_seconds``: user + system CPU of the server (from the clock start on) and all receivers.
@@ -85,6 +93,9 @@ ETHERNET_HEADER_BYTES = 14
 PREWARM_TIMEOUT_SECONDS = 600.0  # hashing a large image on a busy 2-core machine
 STATS_TIMEOUT_SECONDS = 15.0
 RECEIVER_DATAGRAM_TIMEOUT_SECONDS = 30.0  # vmcast receive --timeout: no datagram at all for this long
+# Receivers started before the clock must be waiting within this (Python start-up of N receivers on 2 cores).
+WAITING_TIMEOUT_SECONDS = 60.0
+WAITING_LINE = "waiting up to"  # what `vmcast receive --wait-for-stream` logs once it waits
 # The stream holds until every receiver has joined, as udp-sender does with --min-receivers and uftp with its
 # closed group (-H): vmcast receive --min-receivers N --max-wait this.
 HOLD_MAX_WAIT_SECONDS = 30.0
@@ -126,6 +137,18 @@ if action == "prewarm":
             raise SystemExit("the pre-warm stream did not stop")
         time.sleep(0.1)
     print(json.dumps({"prepare_seconds": round(prepared, 3), "stream_id": lease["stream_id"]}), flush=True)
+elif action == "operate":
+    # The operator: start the stream for N receivers, and let go of it once they all hold it.
+    image, receivers, max_wait = sys.argv[4], int(sys.argv[5]), float(sys.argv[6])
+    started = time.monotonic()
+    lease = call("POST", "/v1/streams", {"image": image, "format": "raw", "min_receivers": receivers, "max_wait": max_wait})
+    while call("GET", "/v1/streams/" + lease["stream_id"])["waiting_for"] > 0:
+        if time.monotonic() > deadline:
+            raise SystemExit("the receivers never all joined")
+        time.sleep(0.02)
+    joined = time.monotonic() - started
+    call("DELETE", "/v1/leases/" + lease["lease_id"])
+    print(json.dumps({"stream_id": lease["stream_id"], "all_joined_seconds": round(joined, 3)}), flush=True)
 elif action == "stream":
     print(json.dumps(call("GET", "/v1/streams/" + sys.argv[4])), flush=True)
 """
@@ -158,6 +181,13 @@ class VmcastDetails:
     """The timed stream as ``GET /v1/streams/{id}`` described it after the run (loops, repairs…)."""
     machine_cpu_before_clock: float | None = None
     """Whole-machine busy CPU seconds from the call to the clock start (server start-up and pre-warm)."""
+    reread_seconds: float | None = None
+    """Clock start to the harness's own re-read of every copy with the right SHA-1 (not the timed number: see
+    the module docstring)."""
+    receivers_waited: bool = False
+    """The receivers were started before the clock and waited for the stream (``--wait-for-stream``)."""
+    all_joined_seconds: float | None = None
+    """In the waiting mode: the operator's start to the last of the N receivers joined."""
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -236,6 +266,7 @@ def run_vmcast(
     keep_work_dir: bool = False,
     extra_server_args: Sequence[str] = (),
     details: VmcastDetails | None = None,
+    receivers_wait: bool = False,
 ) -> PeerResult:
     """Send ``image_path`` with ``vmcast serve`` on the sender to ``vmcast receive`` on every receiver.
 
@@ -245,6 +276,8 @@ def run_vmcast(
     bed as built. ``cache_dir``: the server's cache (manifests keyed by image content), e.g. shared by several
     runs of one image to spare re-hashing it; by default a fresh one in the work directory. ``details``:
     a :class:`VmcastDetails` to fill in (receiver JSON summaries, drops, CPU split, stream counters).
+    ``receivers_wait``: start the receivers before the clock, waiting for the stream, and start it at the
+    clock as an operator (see the module docstring).
 
     ``timeout`` bounds the timed part (clock start to all verified); start-up and pre-warm have their own bounds.
     See the module docstring for what is measured.
@@ -300,19 +333,34 @@ def run_vmcast(
         details.prepare_seconds = prewarm_output.get("prepare_seconds")
         session.notes.append(f"manifest pre-warmed before the clock ({details.prepare_seconds}s to prepare)")
 
-        # ---- the timed part
+        # ---- the timed part (in the waiting mode the receivers start just before it)
         outputs = [session.dir / f"receiver{i}.img" for i in range(receiver_count)]
         rcvbuf_before = [r.rcvbuf_errors() for r in bed.receivers]
-        session.start_clock()
+        receiver_argv = [[*VMCAST_COMMAND, "receive", image_path.name, "--server", base_url, "--output", str(output),
+                          "--interface", receiver.address, "--timeout", str(RECEIVER_DATAGRAM_TIMEOUT_SECONDS), "--json",
+                          "--min-receivers", str(receiver_count), "--max-wait", str(HOLD_MAX_WAIT_SECONDS)]
+                         for receiver, output in zip(bed.receivers, outputs, strict=True)]  # fmt: skip
+        details.receivers_waited = receivers_wait
+        # Only what comes before the receivers start is left out of the machine's CPU: their start-up counts.
         details.machine_cpu_before_clock = round(machine_busy_seconds() - machine_busy_at_call, 3)
+        if receivers_wait:
+            for index, (receiver, argv) in enumerate(zip(bed.receivers, receiver_argv, strict=True)):
+                session.start(receiver, [*argv, "--wait-for-stream", str(timeout)], f"receiver{index}")
+            if not _all_waiting(session, receiver_count):
+                session.notes.append("the receivers did not all wait for the stream within "
+                                     f"{WAITING_TIMEOUT_SECONDS:g}s: …{session.log_tail('receiver0')}")  # fmt: skip
+                session.stop_all()
+                details.exit_codes = [session.returncode(f"receiver{i}") for i in range(receiver_count)]
+                return session.result()
+        session.start_clock()
         server_cpu_at_clock = _process_cpu_seconds(server.pid)
         cpu_before_clock = session.cpu_seconds + server_cpu_at_clock  # server start-up and pre-warm, helper
-        for index, (receiver, output) in enumerate(zip(bed.receivers, outputs, strict=True)):
-            session.start(receiver, [*VMCAST_COMMAND, "receive", image_path.name, "--server", base_url,
-                                     "--output", str(output), "--interface", receiver.address,
-                                     "--timeout", str(RECEIVER_DATAGRAM_TIMEOUT_SECONDS), "--json",
-                                     "--min-receivers", str(len(bed.receivers)), "--max-wait", str(HOLD_MAX_WAIT_SECONDS)],
-                          f"receiver{index}")  # fmt: skip
+        if receivers_wait:
+            session.start(sender, [sys.executable, "-c", _API_PROGRAM, base_url, "operate", str(timeout),
+                                   image_path.name, str(receiver_count), str(HOLD_MAX_WAIT_SECONDS)], "operator")  # fmt: skip
+        else:
+            for index, (receiver, argv) in enumerate(zip(bed.receivers, receiver_argv, strict=True)):
+                session.start(receiver, argv, f"receiver{index}")
 
         done_at: dict[int, float] = {}
 
@@ -342,6 +390,11 @@ def run_vmcast(
 
         details.exit_codes = [session.returncode(f"receiver{i}") for i in range(receiver_count)]
         details.receivers = [last_json_object(_read(session.dir / f"receiver{i}.log")) for i in range(receiver_count)]
+        if receivers_wait:
+            operator = last_json_object(_read(session.dir / "operator.log"))
+            details.all_joined_seconds = operator.get("all_joined_seconds")
+            if session.returncode("operator") != 0:
+                session.notes.append(f"the operator's start failed (exit {session.returncode('operator')}): …{session.log_tail('operator')}")
         claims_ok = [
             summary.get("verified") is True and summary.get("sha1") == expected_sha1 and code == 0
             for summary, code in zip(details.receivers, details.exit_codes, strict=True)
@@ -359,11 +412,29 @@ def run_vmcast(
             session.notes.append(f"server exit code {server_code}; log …{session.log_tail('server')}")
         result = session.result()
 
-    # Both checks must hold: the receiver's own claim and our re-read of its output file.
+    # Both checks must hold: the receiver's own claim and our re-read of its output file. The copy was verified
+    # when its receiver exited (it checks the SHA-1 before); the re-read is a check of that claim, not timed.
     oks = [file_ok and claim_ok for file_ok, claim_ok in zip(result.per_receiver_sha1_ok, claims_ok, strict=True)]
-    seconds = result.seconds_until_all_verified if all(oks) else None
     finished = result.seconds_until_last_finished if all(oks) else None
-    return dataclasses.replace(result, per_receiver_sha1_ok=oks, seconds_until_all_verified=seconds, seconds_until_last_finished=finished)
+    details.reread_seconds = None if finished is None or result.seconds_until_all_verified is None else round(result.seconds_until_all_verified, 3)
+    return dataclasses.replace(result, per_receiver_sha1_ok=oks, seconds_until_all_verified=finished, seconds_until_last_finished=finished)
+
+
+def _all_waiting(session: ToolSession, receiver_count: int) -> bool:
+    """Whether every receiver has logged that it waits for the stream, within `WAITING_TIMEOUT_SECONDS`."""
+    deadline = time.monotonic() + WAITING_TIMEOUT_SECONDS
+    waiting: set[int] = set()
+    while time.monotonic() < deadline:
+        session.reap()
+        for index in range(receiver_count):
+            if session.exited(f"receiver{index}"):
+                return False
+            if index not in waiting and WAITING_LINE in _read(session.dir / f"receiver{index}.log"):
+                waiting.add(index)
+        if len(waiting) == receiver_count:
+            return True
+        time.sleep(POLL_INTERVAL_SECONDS)
+    return False
 
 
 def _timed_stream(session: ToolSession, sender: Any, base_url: str) -> dict[str, Any] | None:
