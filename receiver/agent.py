@@ -60,6 +60,7 @@ import trio
 from vmcast.protocol import PROTOCOL_VERSION, Assembly, StreamMetadata, encode_metadata
 from vmcast.protocol.repair import REREQUEST_AFTER
 
+from .defaults import DEFAULT_FALLBACK_AFTER, DEFAULT_TIMEOUT
 from .errors import Interrupted, JoinFailed, NoData, NoStream, ReceiveError, StreamBroken
 from .fallback import FallbackSettings, FallbackStats, fetch_when_needed
 from .lease import Lease, LeaseClient
@@ -101,9 +102,6 @@ RETAKE_AFTER = 1.0
 
 # Joining on INADDR_ANY lets the kernel pick the interface from its routing table.
 ANY_INTERFACE = "0.0.0.0"
-
-DEFAULT_TIMEOUT = 30.0
-DEFAULT_FALLBACK_AFTER = 10.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

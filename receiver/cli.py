@@ -24,6 +24,11 @@ Output: progress and log lines on stderr; on success one line on stdout,
 ``--register``), or with ``--json`` one JSON object (also on failure: ``{"verified": false, "exit_code": ...,
 "error": ...}``; a registration failure after a verified receive: ``"verified": true`` with ``"exit_code"``
 and ``"registration_error"``).
+
+Imports: ``vmcast`` loads this module to build the command, for ``--help`` and usage errors too, so it imports
+at the top only typer and what the options need (`defaults`). The receive's machinery (`agent`, with trio,
+httpx and the rest of the receiver: ~0.17 s) is imported once the options have been checked, and the
+registration code (`registering`) only with ``--register``.
 """
 
 from __future__ import annotations
@@ -36,40 +41,30 @@ import os
 import re
 import sys
 import traceback
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import httpx
-import trio
 import typer
 
-from .agent import (
+from .defaults import (
+    CLOUDS,
     DEFAULT_FALLBACK_AFTER,
     DEFAULT_TIMEOUT,
-    FromGroup,
-    FromServer,
-    ReceiveRequest,
-    ReceiveResult,
+    RECEIVE_BUFFER,
+    STATE_SUFFIX,
+    VISIBILITIES,
 )
-from .agent import receive as receive_image
 from .errors import (
     EXIT_INTERRUPTED,
     EXIT_UNEXPECTED,
     EXIT_VERIFIED,
     ReceiveError,
 )
-from .multicast import RECEIVE_BUFFER, is_multicast
-from .registering import (
-    CLOUDS,
-    VISIBILITIES,
-    Prepared,
-    RegisterRequest,
-    RegistrationError,
-    prepare,
-)
-from .registering import register as register_image
-from .registration.errors import redact
-from .registration.registered import RegisteredImage
-from .state import STATE_SUFFIX
+from .redaction import redact
+
+if TYPE_CHECKING:
+    from .agent import ReceiveRequest, ReceiveResult
+    from .registering import Prepared, RegisterRequest
+    from .registration.registered import RegisteredImage
 
 DEFAULT_FORMAT = "raw"
 
@@ -147,6 +142,11 @@ def receive(
 
 def run(request: ReceiveRequest, *, as_json: bool, registration: RegisterRequest | None = None) -> int:
     """Run a receive (and the registration asked for) to its end, print the outcome, and return the exit code."""
+    # Here, not at the top: see "Imports" above.
+    import trio
+
+    from .agent import receive as receive_image
+
     handler = _StderrHandler()
     loggers = [logging.getLogger("vmcast.receiver")]
     previous_levels = [logger.level for logger in loggers]
@@ -156,6 +156,9 @@ def run(request: ReceiveRequest, *, as_json: bool, registration: RegisterRequest
     prepared: Prepared | None = None
     try:
         if registration is not None:
+            # Only with --register: see "Imports" above.
+            from .registering import RegistrationError, prepare
+
             try:
                 prepared = prepare(registration)  # fail on a bad cloud configuration before receiving
             except RegistrationError as error:
@@ -189,6 +192,10 @@ def run(request: ReceiveRequest, *, as_json: bool, registration: RegisterRequest
 
 def _register(prepared: Prepared, result: ReceiveResult, *, as_json: bool) -> int:
     """Register the verified output; print the receive's result with the registration's (or its error)."""
+    # Only with --register: see "Imports" above.
+    from .registering import RegistrationError
+    from .registering import register as register_image
+
     default_name = result.image or os.path.basename(result.output)
     print(f"vmcast receive: registering {result.output} in {prepared.request.cloud}", file=sys.stderr, flush=True)
     try:
@@ -288,6 +295,9 @@ def _registration(*, register: str | None, name: str | None, visibility: str | N
         raise typer.BadParameter("EC2 only (this is --register glance)", param_hint="--region")
     if visibility is not None and visibility not in VISIBILITIES:
         raise typer.BadParameter(f"{visibility!r}: one of {', '.join(VISIBILITIES)}", param_hint="--visibility")
+    # Only with --register: see "Imports" above.
+    from .registering import RegisterRequest
+
     return RegisterRequest(cloud=cloud, name=name, visibility=visibility or "private", os_cloud=os_cloud, region=region)
 
 
@@ -305,6 +315,10 @@ def _request(
     gro: bool = True, min_receivers: int | None = None, max_wait: float | None = None, wait_for_stream: float | None = None,
 ) -> ReceiveRequest:  # fmt: skip
     """Check the options' combinations and turn them into a request; a bad one is a usage error (exit 2)."""
+    # Here, not at the top: see "Imports" above.
+    from .agent import FromGroup, FromServer, ReceiveRequest
+    from .multicast import is_multicast
+
     direct = {"--group": group, "--port": port, "--cookie": cookie}
     if image is not None or server is not None:
         if image is None or server is None:
@@ -358,6 +372,9 @@ def _request(
 
 
 def _parse_server(server: str) -> str:
+    # Here, not at the top: see "Imports" above.
+    import httpx
+
     try:
         url = httpx.URL(server)
     except httpx.InvalidURL as error:

@@ -23,6 +23,9 @@ import socket
 import struct
 from dataclasses import dataclass
 
+# Defined there, for the command's --rcvbuf default (without importing this module); used here.
+from .defaults import RECEIVE_BUFFER
+
 # Linux socket options Python's socket module does not name.
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # like SO_RCVBUF, but root may pass net.core.rmem_max
 IP_MULTICAST_ALL = getattr(socket, "IP_MULTICAST_ALL", 49)
@@ -30,10 +33,6 @@ IP_MULTICAST_ALL = getattr(socket, "IP_MULTICAST_ALL", 49)
 # carries the segment size of a coalesced buffer (an int), both at level SOL_UDP (= IPPROTO_UDP, 17).
 SOL_UDP = socket.IPPROTO_UDP
 UDP_GRO = 104
-
-# The receive buffer absorbs the sender while the receiver is busy elsewhere (reading a block back, a
-# page-cache flush): 64 MiB is ~0.27 s at 2 Gbit/s, longer than any such pause we measured.
-RECEIVE_BUFFER = 64 << 20
 
 # How long a blocking receive waits before the loop looks at its stop flag again: short enough that Ctrl-C
 # and --timeout feel immediate, long enough to cost nothing while data flows.

@@ -30,12 +30,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+# CLOUDS and VISIBILITIES are defined there, for the command's options (without importing this module).
+from .defaults import CLOUDS, VISIBILITIES
 from .registration.errors import RegistrationError, redact
 from .registration.registered import RegisteredImage
 from .verified import VerifiedImage
-
-CLOUDS = ("glance", "ec2")
-VISIBILITIES = ("private", "shared", "community", "public")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -51,13 +51,12 @@ from bitarray import bitarray
 from pydantic import BaseModel, ConfigDict, Field
 from vmcast.protocol import Assembly, Checkpoint
 
+# STATE_SUFFIX is defined there, for the command's help (without importing this module).
+from .defaults import STATE_SUFFIX
 from .errors import TargetIOError
 from .target import Target
 
 log = logging.getLogger(__name__)
-
-STATE_SUFFIX = ".vmcast.json"
-"""The state file is the output's path plus this (the name ``vmcast register`` looks for)."""
 
 STATE_VERSION = 1
 

@@ -7,17 +7,24 @@ Imports: the console script loads this module for every subcommand, so it import
 building the commands needs. What one command alone uses is imported inside it: the API client and its
 models (they load the stream registry, the sender and sqlite3), the settings (pydantic-settings), rich,
 uvicorn; ~0.1 s of the ~0.45 s that ``vmcast receive`` took to start. That is the command that counts: every
-receiver pays its start-up before it asks for a lease, and the stream (and its clock) starts then.
+receiver pays its start-up before it asks for a lease, and the stream (and its clock) starts then. For the
+same reason the commands that live in the receiver's package, ``receive`` and ``register``, are imported
+(and built) only when the command line names them, or lists them (``vmcast --help``): ``vmcast receive``
+does not load the registration code, nor ``vmcast serve`` the receiver (`_RootGroup`).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import socket
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+import typer.main
+from typer.core import TyperGroup
 
 from .defaults import DEFAULT_MAX_WAIT, DEFAULT_SERVER, MAX_PAYLOAD, START_TIMEOUT
 from .errors import ClientError, ServerError
@@ -25,6 +32,59 @@ from .rates import format_rate
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+# The commands defined in other modules, by name, in the order `vmcast --help` lists them (before this module's):
+# imported when first used, see "Imports" above.
+_COMMANDS_ELSEWHERE = {
+    "receive": "vmcast.receiver.cli:receive",
+    "register": "vmcast.receiver.registration.cli:register",
+}
+
+
+class _Commands(MutableMapping[str, Any]):
+    """A group's commands by name, where a command given as ``"module:function"`` is imported and built the
+    first time it is looked up (to run it, to list it in ``--help``, to complete it); its name is known
+    before, so ``vmcast recieve`` still suggests ``receive`` without importing it."""
+
+    def __init__(self, entries: dict[str, Any]) -> None:
+        self._entries = entries
+
+    def __getitem__(self, name: str) -> Any:
+        entry = self._entries[name]
+        if isinstance(entry, str):
+            entry = self._entries[name] = _build_command(name, entry)
+        return entry
+
+    def __setitem__(self, name: str, command: Any) -> None:
+        self._entries[name] = command
+
+    def __delitem__(self, name: str) -> None:
+        del self._entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _build_command(name: str, where: str) -> Any:
+    """The click command of the function at ``"module:function"``, built as the root app builds its own."""
+    module, function = where.split(":")
+    single = typer.Typer(
+        add_completion=False, pretty_exceptions_short=app.pretty_exceptions_short, rich_markup_mode=app.rich_markup_mode
+    )
+    single.command(name)(getattr(importlib.import_module(module), function))
+    return typer.main.get_command(single)
+
+
+class _RootGroup(TyperGroup):
+    """The ``vmcast`` group: this module's commands, and those of `_COMMANDS_ELSEWHERE`, loaded when used."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands = _Commands({**_COMMANDS_ELSEWHERE, **self.commands})
+
 
 app = typer.Typer(
     name="vmcast",
@@ -37,26 +97,13 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_RootGroup,
 )
 stream_app = typer.Typer(
     help="Start, list and stop streams on a running [bold]vmcast serve[/] (over its HTTP API).",
     no_args_is_help=True,
 )
 app.add_typer(stream_app, name="stream")
-
-# The receiver engineer's command. Until receiver/cli.py exists `vmcast` works without it; any other import
-# error inside it is a real bug and is raised.
-try:
-    from vmcast.receiver.cli import receive
-except ModuleNotFoundError as error:
-    if error.name != "vmcast.receiver.cli":
-        raise
-else:
-    app.command("receive")(receive)
-
-from vmcast.receiver.registration.cli import register  # noqa: E402 - after the app it joins
-
-app.command("register")(register)
 
 
 def _err() -> Console:
@@ -330,6 +377,8 @@ def stream_start(
 
     With [bold]--min-receivers N[/] a new stream holds until N receivers are listening (like udp-sender's
     --min-receivers), so that receivers started together need one loop of the image between them.
+
+    Receivers started before it with [bold]vmcast receive --wait-for-stream SECONDS[/] join it the moment it starts.
 
     [bold]Example:[/]
 
