@@ -276,6 +276,9 @@ class Assembly:
         self.parity_held = array("I")
         """Per block, parity symbols held that count toward decoding it: symbols kept less one per failed
         decode attempt (`RecoveryFailed`). Read by `RepairPlanner`; never write it."""
+        self.parity_seen = array("I")
+        """Per block, one past the highest parity ESI that arrived (0: none), kept or not: what the repair
+        planner tells the sender it has seen (docs/PROTOCOL.md section 8). Read by `RepairPlanner`."""
         self.parity_refused = bitarray()
         """Per block, set while the block takes no parity: its last parity-decoded copy failed its checksum, so
         a symbol held may have been wrong (corrupted in flight with a valid UDP checksum). Each new decode
@@ -407,6 +410,8 @@ class Assembly:
             return self._drop(DropReason.MALFORMED_PARITY, f"parity ESI {esi} of block {block} names a source symbol")
         if size != layout.frame_size:
             return self._drop(DropReason.MALFORMED_PARITY, f"parity symbol of {size} bytes, frame size {layout.frame_size}")
+        if esi >= self.parity_seen[block]:
+            self.parity_seen[block] = esi + 1
         held = self._block_frames[block]
         symbols = self._parity.get(block)
         kept = len(symbols) if symbols else 0
@@ -513,6 +518,7 @@ class Assembly:
         self._verified.setall(0)
         self._checksums = [None] * layout.block_count
         self.parity_held = array("I", bytes(4 * layout.block_count))
+        self.parity_seen = array("I", bytes(4 * layout.block_count))
         self.parity_refused = bitarray(layout.block_count)
         self.parity_refused.setall(0)
         self.state = AssemblyState.RECEIVING

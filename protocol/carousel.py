@@ -116,10 +116,11 @@ class Carousel:
         self._repairs_in_a_row = 0
         self._parity_turn = False
 
-    def request_repair(self, request: RepairRequest) -> None:
-        """Merge a receiver's request into the work list; requested frames and parity go out ahead of the
-        carousel (parity only with `fec`; otherwise its entries are ignored)."""
-        self.repairs.add(request)
+    def request_repair(self, request: RepairRequest, now: float | None = None) -> None:
+        """Merge a receiver's request, which came at `now` (`next_send`'s clock), into the work list;
+        requested frames and parity go out ahead of the carousel (parity only with `fec`; otherwise its
+        entries are ignored)."""
+        self.repairs.add(request, now)
 
     def next_send(self, now: float) -> SendData | SendParity | SendMetadata | Idle:
         if self._metadata_due_at is None or now >= self._metadata_due_at:
@@ -135,7 +136,7 @@ class Carousel:
             repairs = self.repairs
             if repairs._parity_pending and (self._parity_turn or not repairs._pending_count):
                 self._parity_turn = False
-                block, esi = repairs.pop_parity()
+                block, esi = repairs.pop_parity(now)
                 self._repairs_in_a_row += 1
                 self.parity_frames_sent += 1
                 return SendParity(header=encode_parity_header(self.cookie, block=block, esi=esi), block=block, esi=esi)

@@ -20,7 +20,9 @@ the caller and return what to send.
 Parity (docs/PROTOCOL.md section 8): on a stream whose metadata says ``"fec": "raptorq"``, a planner made with
 ``fec=True`` asks per block for a *number* of parity symbols instead of frames (``"parity": [[block, count]]``),
 and the queue keeps, per block, the largest number any receiver asked for and hands out fresh symbol ids, so
-one parity frame repairs one missing frame of that block at every receiver that lacks any.
+one parity frame repairs one missing frame of that block at every receiver that lacks any. Each entry also
+says the symbols the receiver has seen (``[block, count, seen]``), so that a request crossing symbols on
+their way to it is merged with the request they answer rather than added to it (`PARITY_IN_FLIGHT`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,12 @@ REORDERED_STEP_BACK = 4 * REORDER_MARGIN
 # A frame asked for is not asked for again before this long: time for the sender to serve the request. The
 # scale model (benchmarks/simulate.py) put one bursty-loss receiver at 1.16x the limit with 1.0 s, 1.08x with 0.3.
 REREQUEST_AFTER = 0.3
+# A parity request naming a block whose latest symbols this receiver has not seen yet, coming this soon after
+# they were sent, crossed them on their way (the test bed's queues hold tens of ms): they count toward its
+# need. Later, they count as lost at that receiver, and its count is sent anew. Too short a window sends
+# parity twice for crossing requests (the bed at 1% loss: 15.7-40.9 symbols per block for receivers missing
+# ~7.5 each); too long makes a receiver that lost some of them wait `REREQUEST_AFTER` for its next request.
+PARITY_IN_FLIGHT = 0.1
 # Ranges per request datagram; the JSON stays under the metadata payload limit (about 20 bytes per range).
 # Parity entries ([block, count], as long as a range) count against the same limit.
 MAX_RANGES_PER_REQUEST = 48
@@ -73,8 +81,10 @@ class RepairRequest:
 
     ranges: tuple[tuple[int, int], ...] = ()
     """``(first frame, count)`` ranges of frames to resend."""
-    parity: tuple[tuple[int, int], ...] = ()
-    """``(block, count)``: `count` (>= 1) more parity symbols of `block` needed by this receiver."""
+    parity: tuple[tuple[int, ...], ...] = ()
+    """``(block, count, seen)``: `count` (>= 1) more parity symbols of `block` needed by this receiver, which
+    has seen the block's symbols below ESI `seen` (one past the highest it received; 0: none). ``(block,
+    count)`` from a receiver that does not say (docs/PROTOCOL.md section 8)."""
 
     @property
     def frame_count(self) -> int:
@@ -83,7 +93,7 @@ class RepairRequest:
     @property
     def parity_count(self) -> int:
         """Parity symbols asked for, over all blocks."""
-        return sum(count for _, count in self.parity)
+        return sum(entry[1] for entry in self.parity)
 
 
 def encode_repair_request(cookie: bytes, request: RepairRequest) -> bytes:
@@ -145,13 +155,15 @@ def decode_repair_request(
         if not isinstance(entries, list):
             return Dropped(reason=DropReason.MALFORMED_METADATA, detail="repair request 'parity' is not a list")
         for item in entries:
-            if not (isinstance(item, list) and len(item) == 2 and all(type(v) is int for v in item)):
+            if not (isinstance(item, list) and len(item) in (2, 3) and all(type(v) is int for v in item)):
                 return Dropped(reason=DropReason.MALFORMED_METADATA, detail=f"bad parity entry {item!r}")
-            block, count = item
+            block, count = item[0], item[1]
             if not 0 <= block < block_count or not 1 <= count <= MAX_PARITY_COUNT:
                 return Dropped(reason=DropReason.MALFORMED_METADATA,
                                detail=f"parity entry {item!r} outside {block_count} blocks or 1..{MAX_PARITY_COUNT} symbols")
-            parity.append((block, count))
+            if len(item) == 3 and not 0 <= item[2] <= ESI_LIMIT:
+                return Dropped(reason=DropReason.MALFORMED_METADATA, detail=f"parity entry {item!r}: seen outside 0..{ESI_LIMIT}")
+            parity.append(tuple(item))
     return RepairRequest(ranges=tuple(parsed), parity=tuple(parity))
 
 
@@ -172,11 +184,14 @@ class RepairPlanner:
     held for the block (`parity_held`, the assembly's array) that is not already answering an earlier
     request of this block; those frames then count as asked for, so they are not counted again before
     `REREQUEST_AFTER`. A request still in flight is thus not asked twice, and parity that came beyond what
-    was asked (the sender sends the most any receiver needs) stands in for frames lost since.
+    was asked (the sender sends the most any receiver needs) stands in for frames lost since. With
+    `parity_seen` (the assembly's array: per block, one past the highest ESI that arrived) each entry also
+    says what this receiver has seen, ``(block, count, seen)``, for the sender's merging (`RepairQueue`).
     """
 
     def __init__(self, *, layout: Layout, received: bitarray, interval: float = REQUEST_INTERVAL, rerequest_after: float = REREQUEST_AFTER,
-                 parity_held: array | None = None, fec: bool = False, parity_refused: bitarray | None = None) -> None:
+                 parity_held: array | None = None, fec: bool = False, parity_refused: bitarray | None = None,
+                 parity_seen: array | None = None) -> None:
         if fec and parity_held is None:
             raise ValueError("a parity planner needs the assembly's parity_held")
         self.layout = layout
@@ -187,6 +202,7 @@ class RepairPlanner:
         self.parity_held = parity_held
         self.parity_refused = parity_refused
         """The assembly's blocks that take no parity for now (`Assembly.parity_refused`): asked for as frames."""
+        self.parity_seen = parity_seen
         self.requests_sent = 0
         self.frames_requested = 0
         self.parity_requested = 0
@@ -305,7 +321,7 @@ class RepairPlanner:
                 count -= max(0, held[block] - answering)
             if count <= 0:
                 continue
-            parity.append((block, count))
+            parity.append((block, count) if self.parity_seen is None else (block, count, self.parity_seen[block]))
             for start, end in spans:
                 requested[start:end] = 1
                 self._outstanding.append((start, end - start, now))
@@ -355,7 +371,9 @@ class RepairQueue:
 
     With ``fec=True`` it also keeps, per block, the number of parity symbols still to send: the *largest*
     count any receiver asked for (``need[b] = max(need[b], count)``, not a sum: each symbol serves every
-    receiver), capped at the block's frames. `pop_parity` hands them out one block after another (a burst of
+    receiver), capped at the block's frames. A request whose receiver has not seen the block's latest symbols
+    (``seen`` below the next ESI) coming within `PARITY_IN_FLIGHT` of their sending (`pop_parity`'s `now`)
+    crossed them: they count toward its count (``need = max(need, max(seen, K) + count - next ESI)``). `pop_parity` hands them out one block after another (a burst of
     loss then hits many blocks once rather than one block many times), each with the block's next fresh ESI,
     starting at K and never reused, so every parity frame is new to every receiver. When the carousel starts
     sending a block again, that block's need is dropped: the carousel brings its frames anyway. Without
@@ -381,20 +399,27 @@ class RepairQueue:
         self._parity_blocks.setall(0)
         self._parity_pending = 0  # sum of need
         self._parity_cursor = 0
+        self._parity_sent_at = array("d", [-PARITY_IN_FLIGHT] * blocks)  # when the block's last symbol was handed out
 
-    def add(self, request: RepairRequest) -> None:
+    def add(self, request: RepairRequest, now: float | None = None) -> None:
+        """Merge a request. `now`: when it came, on `pop_parity`'s clock; None: symbols a receiver has not
+        seen count as lost (nothing is then merged with symbols in flight)."""
         self.requests_received += 1
         for first, count in request.ranges:
             self.frames_requested += count
             already = self._pending.count(1, first, first + count)
             self._pending[first : first + count] = 1
             self._pending_count += count - already
-        for block, count in request.parity:
+        for entry in request.parity:
+            block, count = entry[0], entry[1]
             self.parity_requested += count
             if not self.fec or not 0 <= block < len(self._parity_need):
                 self.parity_ignored += count
                 continue
-            count = min(count, self.layout.frames_in_block(block), ESI_LIMIT - self._next_esi[block])
+            frames_in_block, next_esi = self.layout.frames_in_block(block), self._next_esi[block]
+            count = min(count, frames_in_block, ESI_LIMIT - next_esi)
+            if len(entry) > 2 and entry[2] < next_esi and now is not None and now - self._parity_sent_at[block] < PARITY_IN_FLIGHT:
+                count = max(entry[2], frames_in_block) + count - next_esi  # those on their way count
             need = self._parity_need[block]
             if count > need:
                 self._parity_need[block] = count
@@ -418,8 +443,9 @@ class RepairQueue:
             self._parity_pending -= need
             self._parity_blocks[block] = 0
 
-    def pop_parity(self) -> tuple[int, int] | None:
-        """The next parity symbol to send as ``(block, esi)``, blocks in turn from the last one; or None."""
+    def pop_parity(self, now: float | None = None) -> tuple[int, int] | None:
+        """The next parity symbol to send as ``(block, esi)``, blocks in turn from the last one; or None.
+        `now`: when it leaves (see `add`)."""
         if not self._parity_pending:
             return None
         blocks = self._parity_blocks
@@ -429,6 +455,8 @@ class RepairQueue:
             block = blocks.index(1)
         esi = self._next_esi[block]
         self._next_esi[block] = esi + 1
+        if now is not None:
+            self._parity_sent_at[block] = now
         need = self._parity_need[block] - 1
         if esi + 1 >= ESI_LIMIT:  # ids exhausted (2**24 - K symbols sent for one block): the carousel must do
             self._parity_pending -= need

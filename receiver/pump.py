@@ -574,7 +574,7 @@ class Pump:
         if repairs is not None and repairs.planner is None and self.assembly.layout is not None:
             assembly = self.assembly
             repairs.start(layout=assembly.layout, held=assembly.held_frames, parity_held=assembly.parity_held, fec=assembly.fec,
-                          parity_refused=assembly.parity_refused)
+                          parity_refused=assembly.parity_refused, parity_seen=assembly.parity_seen)
         return repairs
 
     def _first_metadata(self, metadata: StreamMetadata) -> None:

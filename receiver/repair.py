@@ -97,12 +97,15 @@ class Repairs:
         """Whether requests are sent at all (else the carousel is only followed)."""
         return self._destination is not None
 
-    def start(self, *, layout: Layout, held: bitarray, parity_held: array | None = None, fec: bool = False, parity_refused: bitarray | None = None) -> None:
+    def start(self, *, layout: Layout, held: bitarray, parity_held: array | None = None, fec: bool = False, parity_refused: bitarray | None = None,
+              parity_seen: array | None = None) -> None:
         """The layout is known: plan from now on. `held`: the assembly's held frames; `parity_held`: its parity
-        symbols held per block; `parity_refused`: its blocks that take no parity for now (all read, never
-        written). `fec`: the stream takes parity: ask for it."""
+        symbols held per block; `parity_refused`: its blocks that take no parity for now; `parity_seen`: per
+        block, one past the highest ESI that arrived (all read, never written). `fec`: the stream takes
+        parity: ask for it."""
         if self.planner is None:
-            self.planner = RepairPlanner(layout=layout, received=held, parity_held=parity_held, fec=fec, parity_refused=parity_refused)
+            self.planner = RepairPlanner(layout=layout, received=held, parity_held=parity_held, fec=fec, parity_refused=parity_refused,
+                                         parity_seen=parity_seen)
 
     @property
     def passed_everything(self) -> bool:

@@ -501,7 +501,7 @@ class Sender:
         while not stop.is_set():
             while inbox:  # the whole per-datagram cost of serving repairs when none are asked for
                 request = inbox.popleft()
-                carousel.request_repair(request)
+                carousel.request_repair(request, clock())
                 if fec and request.parity:
                     self._parity_asked(request.parity)
             if deferred and not self._send_deferred(parity.poll(), limit, bucket):
@@ -548,11 +548,12 @@ class Sender:
                         return
             self.loops_completed = carousel.loops_completed
 
-    def _parity_asked(self, entries: tuple[tuple[int, int], ...]) -> None:
+    def _parity_asked(self, entries: tuple[tuple[int, ...], ...]) -> None:
         """A request asked for parity: the workers start on it now, before the carousel's turn for it."""
         self._parity_asked_at = time.monotonic()
         typical, parity = self._typical_count, self._parity
-        for block, count in entries:
+        for entry in entries:
+            block, count = entry[0], entry[1]  # then what the receiver has seen (the carousel's queue uses it)
             parity.prefetch(block, count)
             typical += TYPICAL_COUNT_WEIGHT * (count - typical)
         self._typical_count = typical

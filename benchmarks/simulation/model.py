@@ -620,7 +620,7 @@ class _Run:
                 if holdoff:
                     request = _without_recent(request, last_sent, now - holdoff)
                 if request is not None:
-                    carousel.request_repair(request)
+                    carousel.request_repair(request, now)
             while polls and polls[0][0] <= now:
                 _, r = heapq.heappop(polls)
                 if self.done_time[r] != math.inf:
@@ -746,7 +746,8 @@ class _Run:
                             planner = RepairPlanner(layout=assembly.layout, received=held,
                                                     interval=self.constants["REQUEST_INTERVAL"],
                                                     rerequest_after=self.constants["REREQUEST_AFTER"],
-                                                    parity_held=assembly.parity_held, fec=scenario.fec and assembly.fec)
+                                                    parity_held=assembly.parity_held, fec=scenario.fec and assembly.fec,
+                                                    parity_seen=assembly.parity_seen)
                             planners[r] = planner
                             active.append((r, assembly.receive_datagram, planner.observe_carousel, held))
                             if scenario.repair:

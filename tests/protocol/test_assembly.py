@@ -478,6 +478,11 @@ def test_parity_of_a_verified_or_complete_block_or_beyond_what_it_misses_plus_th
     assert [type(e) for e in events] == [ParityReceived] * (1 + PARITY_SPARE) + [ParityUnused]
     assert events[-1].reason == "enough"  # block 1 misses one frame: one symbol and the spare are kept
     assert assembly.parity_unused == 3 and assembly.parity_kept == 1 + PARITY_SPARE
+    # What arrived counts as seen, used or not (the sender merges requests by it); a malformed one does not.
+    assert list(assembly.parity_seen)[:2] == [10, 8 + 1 + PARITY_SPARE + 1]
+    assembly.receive_datagram(parity(1, 7, symbol=bytes(FRAME)))  # ESI 7 names a source symbol: dropped
+    assembly.receive_datagram(parity(1, 9))  # an older ESI arriving late leaves the highest as it is
+    assert list(assembly.parity_seen)[:2] == [10, 8 + 1 + PARITY_SPARE + 1]
 
 
 def test_a_duplicate_parity_symbol_is_unused():

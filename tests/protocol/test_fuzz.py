@@ -177,4 +177,4 @@ def test_repair_requests_of_any_shape_parse_or_drop_never_raise(body):
     result = decode_repair_request(datagram, cookie=COOKIE, frame_count=9, block_count=3)
     assert isinstance(result, (RepairRequest, Dropped))
     if isinstance(result, RepairRequest):
-        assert all(0 <= block < 3 and count >= 1 for block, count in result.parity)
+        assert all(0 <= entry[0] < 3 and entry[1] >= 1 and len(entry) in (2, 3) for entry in result.parity)

@@ -363,3 +363,75 @@ def test_a_parity_planner_asks_frames_not_symbols_for_a_block_that_refuses_parit
     request = planner.poll(1.0, jitter=0.0)
     assert request.parity == ((0, 1),)
     assert request.ranges == ((10, 2),)
+
+
+def _drain(queue: RepairQueue, now: float) -> list[tuple[int, int]]:
+    sent = []
+    while (symbol := queue.pop_parity(now)) is not None:
+        sent.append(symbol)
+    return sent
+
+
+def test_a_request_crossing_symbols_on_their_way_is_merged_with_them_not_added():
+    layout = manifest_of(bytes(100_000), frame_size=1000, block_size=10_000).layout  # K = 10 per block
+    queue = RepairQueue(layout=layout, fec=True)
+    queue.add(RepairRequest(parity=((3, 8, 0),)), now=0.0)  # receiver A misses 8
+    assert _drain(queue, 0.01) == [(3, esi) for esi in range(10, 18)]
+    # B missed 7 and asked before A's 8 reached it (it has seen none): they answer B too.
+    queue.add(RepairRequest(parity=((3, 7, 0),)), now=0.03)
+    assert queue.parity_pending == 0
+    # C misses 10, also crossing: the 8 on their way and 2 more.
+    queue.add(RepairRequest(parity=((3, 10, 0),)), now=0.04)
+    assert _drain(queue, 0.05) == [(3, 18), (3, 19)]
+    # D has seen them all (up to ESI 19) and needs 1 more: fresh.
+    queue.add(RepairRequest(parity=((3, 1, 20),)), now=0.06)
+    assert _drain(queue, 0.07) == [(3, 20)]
+
+
+def test_symbols_a_receiver_has_not_seen_long_after_they_left_count_as_lost():
+    layout = manifest_of(bytes(100_000), frame_size=1000, block_size=10_000).layout
+    queue = RepairQueue(layout=layout, fec=True)
+    queue.add(RepairRequest(parity=((2, 4, 0),)), now=0.0)
+    assert len(_drain(queue, 0.0)) == 4
+    # Seen up to ESI 12 (13 and then lost), asking again 0.3 s later for 2: they are not coming.
+    queue.add(RepairRequest(parity=((2, 2, 13),)), now=0.3)
+    assert _drain(queue, 0.3) == [(2, 14), (2, 15)]
+
+
+def test_requests_that_do_not_say_what_they_saw_are_served_as_before():
+    layout = manifest_of(bytes(100_000), frame_size=1000, block_size=10_000).layout
+    queue = RepairQueue(layout=layout, fec=True)
+    queue.add(RepairRequest(parity=((1, 3),)), now=0.0)
+    assert len(_drain(queue, 0.0)) == 3
+    queue.add(RepairRequest(parity=((1, 3),)), now=0.01)  # no `seen`: all it asks is new
+    assert len(_drain(queue, 0.01)) == 3
+    untimed = RepairQueue(layout=layout, fec=True)  # no clock: what a receiver has not seen is lost
+    untimed.add(RepairRequest(parity=((1, 3, 0),)))
+    assert len(_drain(untimed, 0.0)) == 3
+    untimed.add(RepairRequest(parity=((1, 3, 0),)))
+    assert untimed.parity_pending == 3
+
+
+def test_parity_entries_with_what_was_seen_travel_and_bad_ones_are_dropped():
+    request = RepairRequest(parity=((0, 3, 0), (2, 1, 757)))
+    assert decode_repair_request(encode_repair_request(COOKIE, request), cookie=COOKIE, frame_count=5000, block_count=4).parity == request.parity
+    for entry in ([0, 3, -1], [0, 3, 2**24 + 1], [0, 3, 5, 1], [0, 3, "x"]):
+        datagram = encode_repair_request(COOKIE, RepairRequest()).replace(b'"frames":[]', b'"frames":[],"parity":[' + str(entry).replace("'", '"').encode() + b"]")
+        dropped = decode_repair_request(datagram, cookie=COOKIE, frame_count=5000, block_count=4)
+        assert isinstance(dropped, Dropped), entry
+
+
+def test_the_planner_says_what_it_has_seen_of_each_blocks_parity():
+    from array import array
+
+    layout = manifest_of(bytes(150_000), frame_size=1000, block_size=50_000).layout  # 3 blocks of 50 frames
+    received = _bits(layout.frame_count)
+    held, seen = array("I", bytes(4 * layout.block_count)), array("I", bytes(4 * layout.block_count))
+    planner = RepairPlanner(layout=layout, received=received, parity_held=held, fec=True, parity_seen=seen)
+    for frame in range(150):
+        if frame not in (1, 2, 60):
+            received[frame] = 1
+        planner.observe_carousel(frame)
+    seen[1] = 55  # symbols up to ESI 54 of block 1 came (and were of no use)
+    planner.poll(0.0, jitter=0.0)
+    assert planner.poll(1.0, jitter=0.0).parity == ((0, 2, 0), (1, 1, 55))
