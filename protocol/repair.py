@@ -203,6 +203,7 @@ class RepairPlanner:
         self.parity_refused = parity_refused
         """The assembly's blocks that take no parity for now (`Assembly.parity_refused`): asked for as frames."""
         self.parity_seen = parity_seen
+        self._frames_until = float("-inf")
         self.requests_sent = 0
         self.frames_requested = 0
         self.parity_requested = 0
@@ -214,6 +215,18 @@ class RepairPlanner:
         self._outstanding: list[tuple[int, int, float]] = []  # (first, count, when asked), oldest first
         self._requested = bitarray(layout.frame_count)
         self._requested.setall(0)
+
+    def due(self, now: float) -> bool:
+        """Whether `poll(now)` may send a request (its interval has passed)."""
+        return self._next_request_at is not None and now >= self._next_request_at and self._join is not None
+
+    def ask_frames_until(self, until: float) -> None:
+        """On a parity stream, ask for lost frames themselves, not parity, until `until` (`poll`'s clock).
+
+        For a receiver whose own socket overflows: it loses frames because it cannot keep up, and decoding
+        parity (milliseconds per block) would take more of the time it lacks, so it would lose more; resent
+        frames cost it nothing beyond receiving them."""
+        self._frames_until = max(self._frames_until, until)
 
     @property
     def passed_everything(self) -> bool:
@@ -269,7 +282,7 @@ class RepairPlanner:
         self._next_request_at = now + self.interval * (1 + REQUEST_JITTER * jitter)
         self._expire_requests(now)
         wanted = self._wanted_frames()
-        if self.fec:
+        if self.fec and now >= self._frames_until:
             return self._ask_parity(wanted, now)
         ranges: list[tuple[int, int]] = []
         for value, start, stop in intervals(wanted):

@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import functools
 import logging
 import socket
 import struct
@@ -100,7 +101,7 @@ from vmcast.protocol import (
 
 from .errors import StreamBroken
 from .hashing import Sha1Cursor
-from .multicast import SOL_UDP, UDP_GRO
+from .multicast import SOL_UDP, UDP_GRO, kernel_drops
 from .repair import OBSERVE_EVERY, Repairs
 from .target import Target
 
@@ -574,7 +575,8 @@ class Pump:
         if repairs is not None and repairs.planner is None and self.assembly.layout is not None:
             assembly = self.assembly
             repairs.start(layout=assembly.layout, held=assembly.held_frames, parity_held=assembly.parity_held, fec=assembly.fec,
-                          parity_refused=assembly.parity_refused, parity_seen=assembly.parity_seen)
+                          parity_refused=assembly.parity_refused, parity_seen=assembly.parity_seen,
+                          overflows=functools.partial(kernel_drops, self._sock))
         return repairs
 
     def _first_metadata(self, metadata: StreamMetadata) -> None:

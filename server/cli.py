@@ -206,9 +206,9 @@ def serve(
         typer.Option(
             "--fec/--no-fec",
             envvar="VMCAST_FEC",
-            help="Repair losses with RaptorQ parity where --payload is a multiple of 8: one parity frame repairs any one lost frame of a block at every receiver, so the sender resends about the worst receiver's loss rather than the sum of all receivers' losses. Off by default: it costs CPU, 2.6-6 ms on the sender per 1 MiB block asked for and 3-6 ms on a receiver per block it recovers, which a receiver that cannot keep up pays again for every block it drops (one receiver on loopback at 5 Gbit/s: 2.11 Gbit/s without, 0.37 with). Turn it on for groups of tens to thousands of receivers (10,000 simulated at 1% loss: 2.9% of the image resent instead of 194%). --no-fec resends the lost frames themselves.",
+            help="Repair losses with RaptorQ parity where --payload is a multiple of 8: one parity frame repairs any one lost frame of a block at every receiver, so the sender resends about the worst receiver's loss rather than the sum of all receivers' losses. 4 receivers at 5% loss on the test bed: 6.6% of the image resent instead of 19.7%; 10,000 simulated at 1%: 2.9% instead of 194%. It costs CPU only where frames are lost: 2.6-6 ms on the sender per 1 MiB block asked for, and 3-6 ms on a receiver per block it recovers (a receiver whose own socket overflows asks for the frames instead while it does, so a receiver that cannot keep up is not slowed further). --no-fec always resends the lost frames themselves.",
         ),
-    ] = False,
+    ] = True,
     cache_dir: Annotated[
         Path | None,
         typer.Option(

@@ -69,7 +69,7 @@ def test_every_receiver_ends_with_a_verified_identical_copy_under_udp_loss(
     image: Image, tmp_path, loss_percent: float, timeout: float, fec: bool
 ) -> None:
     with netbed(tmp_path, receiver_loss=[loss_percent] * 3) as bed:
-        bed.serve(image.directory, *(["--fec"] if fec else []))
+        bed.serve(image.directory, "--fec" if fec else "--no-fec")
         receivers = [bed.receiver(index, image.name).start() for index in range(3)]
         [stream] = wait_until(bed.streams, timeout=30, what="the stream to start")
         outcomes = [receiver.wait(timeout=timeout) for receiver in receivers]

@@ -435,3 +435,24 @@ def test_the_planner_says_what_it_has_seen_of_each_blocks_parity():
     seen[1] = 55  # symbols up to ESI 54 of block 1 came (and were of no use)
     planner.poll(0.0, jitter=0.0)
     assert planner.poll(1.0, jitter=0.0).parity == ((0, 2, 0), (1, 1, 55))
+
+
+def test_a_parity_planner_told_to_ask_for_frames_does_so_until_the_time_it_was_given():
+    from array import array
+
+    layout = manifest_of(bytes(150_000), frame_size=1000, block_size=50_000).layout  # 3 blocks of 50 frames
+    received = _bits(layout.frame_count)
+    planner = fec_planner(layout, received, array("I", bytes(4 * layout.block_count)))
+    for frame in range(150):
+        if frame not in (1, 2, 60):
+            received[frame] = 1
+        planner.observe_carousel(frame)
+    planner.poll(0.0, jitter=0.0)
+    assert not planner.due(0.0) and planner.due(1.0)
+    planner.ask_frames_until(1.5)  # e.g. its socket overflowed: decoding would slow it further
+    frames = planner.poll(1.0, jitter=0.0)
+    assert frames.ranges == ((1, 2), (60, 1)) and frames.parity == ()
+    received[60] = 1
+    assert planner.poll(1.2, jitter=0.0) is None  # asked for already
+    later = planner.poll(2.0, jitter=0.0)  # past 1.5 and REREQUEST_AFTER: frames 1-2 are asked for as parity
+    assert later.ranges == () and later.parity == ((0, 2),)
