@@ -15,9 +15,12 @@ does not load the registration code, nor ``vmcast serve`` the receiver (`_RootGr
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import logging
+import os
 import socket
+import sys
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -522,8 +525,31 @@ def demo(
 
 
 def main() -> None:
-    """The `vmcast` console script."""
-    app()
+    """The `vmcast` console script.
+
+    Once a command has returned its exit status, everything it does is done: output flushed, a receive's
+    target synced and its state saved, the server's streams stopped. The interpreter would then tear down
+    every module and object, ~75 ms for a receive (which a deployment waiting for forty receivers started
+    together pays on every one); so the exit handlers run (logging's, thread pools', multiprocessing's) and
+    the process ends with the status, without that teardown. An exception the command did not handle goes
+    the usual way, traceback and all.
+    """
+    try:
+        app()
+    except SystemExit as done:
+        status = done.code
+    else:
+        status = 0
+    if isinstance(status, str):  # SystemExit("message") prints it and exits 1
+        print(status, file=sys.stderr)
+        status = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (| head): what it could not take is lost either way
+            pass
+    os._exit(status or 0)
 
 
 if __name__ == "__main__":
