@@ -16,9 +16,9 @@ What is timed, and what is not:
   takes a lease, which starts the stream (their Python start-up, lease request and join are inside the
   number). With ``receivers_wait=True`` the receivers are launched *before* the clock with
   ``--wait-for-stream`` and the clock starts when they all wait, as udp-receiver and uftpd are started
-  before theirs; at the clock a helper in the sender namespace starts the stream as an operator would
-  (``POST /v1/streams`` with ``min_receivers`` N, its start-up inside the number) and releases its own lease
-  once all N joined.
+  before theirs; at the clock a helper in the sender namespace, started before it too (an operator's
+  deployment tool is running already), starts the stream as an operator would (``POST /v1/streams`` with
+  ``min_receivers`` N) and releases its own lease once all N joined.
 * The clock stops when the last receiver has exited with its copy verified: a vmcast receiver computes the
   image's SHA-1 as blocks arrive, checks it, and fsyncs before it exits 0 with ``verified`` in its summary,
   so its exit is the moment the copy is verified (the peers verify nothing: their copies count as verified
@@ -48,6 +48,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -138,8 +139,12 @@ if action == "prewarm":
         time.sleep(0.1)
     print(json.dumps({"prepare_seconds": round(prepared, 3), "stream_id": lease["stream_id"]}), flush=True)
 elif action == "operate":
-    # The operator: start the stream for N receivers, and let go of it once they all hold it.
+    # The operator: at SIGUSR1 (the clock), start the stream for N receivers; let go of it once they all hold it.
+    import signal
     image, receivers, max_wait = sys.argv[4], int(sys.argv[5]), float(sys.argv[6])
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    print("ready", flush=True)
+    signal.sigwait({signal.SIGUSR1})
     started = time.monotonic()
     lease = call("POST", "/v1/streams", {"image": image, "format": "raw", "min_receivers": receivers, "max_wait": max_wait})
     while call("GET", "/v1/streams/" + lease["stream_id"])["waiting_for"] > 0:
@@ -346,9 +351,12 @@ def run_vmcast(
         if receivers_wait:
             for index, (receiver, argv) in enumerate(zip(bed.receivers, receiver_argv, strict=True)):
                 session.start(receiver, [*argv, "--wait-for-stream", str(timeout)], f"receiver{index}")
-            if not _all_waiting(session, receiver_count):
-                session.notes.append("the receivers did not all wait for the stream within "
-                                     f"{WAITING_TIMEOUT_SECONDS:g}s: …{session.log_tail('receiver0')}")  # fmt: skip
+            operator = session.start(sender, [sys.executable, "-c", _API_PROGRAM, base_url, "operate", str(timeout),
+                                              image_path.name, str(receiver_count), str(HOLD_MAX_WAIT_SECONDS)], "operator")  # fmt: skip
+            if not _all_waiting(session, receiver_count) or not _logged(session, "operator", "ready"):
+                session.notes.append("the receivers did not all wait for the stream, or the operator was not ready, "
+                                     f"within {WAITING_TIMEOUT_SECONDS:g}s: …{session.log_tail('receiver0')} "
+                                     f"…{session.log_tail('operator')}")  # fmt: skip
                 session.stop_all()
                 details.exit_codes = [session.returncode(f"receiver{i}") for i in range(receiver_count)]
                 return session.result()
@@ -356,8 +364,7 @@ def run_vmcast(
         server_cpu_at_clock = _process_cpu_seconds(server.pid)
         cpu_before_clock = session.cpu_seconds + server_cpu_at_clock  # server start-up and pre-warm, helper
         if receivers_wait:
-            session.start(sender, [sys.executable, "-c", _API_PROGRAM, base_url, "operate", str(timeout),
-                                   image_path.name, str(receiver_count), str(HOLD_MAX_WAIT_SECONDS)], "operator")  # fmt: skip
+            operator.send_signal(signal.SIGUSR1)
         else:
             for index, (receiver, argv) in enumerate(zip(bed.receivers, receiver_argv, strict=True)):
                 session.start(receiver, argv, f"receiver{index}")
@@ -418,6 +425,19 @@ def run_vmcast(
     finished = result.seconds_until_last_finished if all(oks) else None
     details.reread_seconds = None if finished is None or result.seconds_until_all_verified is None else round(result.seconds_until_all_verified, 3)
     return dataclasses.replace(result, per_receiver_sha1_ok=oks, seconds_until_all_verified=finished, seconds_until_last_finished=finished)
+
+
+def _logged(session: ToolSession, label: str, line: str) -> bool:
+    """Whether process `label` has logged `line` within `WAITING_TIMEOUT_SECONDS` (False if it exited first)."""
+    deadline = time.monotonic() + WAITING_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        session.reap()
+        if line in _read(session.dir / f"{label}.log"):
+            return True
+        if session.exited(label):
+            return False
+        time.sleep(POLL_INTERVAL_SECONDS / 10)
+    return False
 
 
 def _all_waiting(session: ToolSession, receiver_count: int) -> bool:
