@@ -372,16 +372,20 @@ def run_vmcast(
         done_at: dict[int, float] = {}
 
         def receiver_finished(index: int) -> Path | None:
+            # The harness re-reads vmcast's copies once every receiver has exited: the re-read checks their
+            # claims and is not timed, so it must not take CPU from receivers still at work.
             if session.exited(f"receiver{index}"):
                 done_at.setdefault(index, time.monotonic() - session.started_at)
-                return outputs[index]
-            if session.exited("server"):
+            elif session.exited("server"):
                 session.notes.append(f"server exited ({session.returncode('server')}) while receiver{index} ran")
                 session.stop(f"receiver{index}")
-                return outputs[index]
-            return None
+                done_at.setdefault(index, time.monotonic() - session.started_at)
+            return outputs[index] if len(done_at) == receiver_count else None
 
-        session.run_until(receiver_finished)
+        if not session.run_until(receiver_finished):  # a receiver hung: still check those that finished
+            for index in sorted(done_at):
+                if not session.verification_started(index):
+                    session.verify(index, outputs[index])
         # Receivers first (a no-op for those that exited), so that what was reaped so far, less the pre-warm
         # helper, is exactly the receivers' CPU; the server, still running, comes last.
         for index in range(receiver_count):
@@ -422,7 +426,7 @@ def run_vmcast(
     # Both checks must hold: the receiver's own claim and our re-read of its output file. The copy was verified
     # when its receiver exited (it checks the SHA-1 before); the re-read is a check of that claim, not timed.
     oks = [file_ok and claim_ok for file_ok, claim_ok in zip(result.per_receiver_sha1_ok, claims_ok, strict=True)]
-    finished = result.seconds_until_last_finished if all(oks) else None
+    finished = max(done_at.values()) if all(oks) and len(done_at) == receiver_count else None
     details.reread_seconds = None if finished is None or result.seconds_until_all_verified is None else round(result.seconds_until_all_verified, 3)
     return dataclasses.replace(result, per_receiver_sha1_ok=oks, seconds_until_all_verified=finished, seconds_until_last_finished=finished)
 

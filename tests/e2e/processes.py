@@ -56,6 +56,13 @@ def write_random_image(path: Path, mib: int, *, seed: int | None = None) -> str:
 
 
 
+def random_image_dir(tmp: Path, mib: int, name: str = "disk.raw") -> tuple[Path, str]:
+    """An images directory in `tmp` holding one random image of `mib` MiB; the directory and its SHA-1."""
+    images = tmp / "images"
+    images.mkdir()
+    return images, write_random_image(images / name, mib)
+
+
 def stop(process: subprocess.Popen, *, timeout: float = 10) -> None:
     """End a process we started, by its PID: SIGINT first (it cleans up), SIGKILL if it will not."""
     if process.poll() is None:

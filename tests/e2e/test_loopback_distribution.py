@@ -5,15 +5,13 @@ import time
 
 import httpx
 
-from .processes import receiver_result, running_server, sha1_of, start_receiver, write_random_image
+from .processes import random_image_dir, receiver_result, running_server, sha1_of, start_receiver, write_random_image
 
 IMAGE_MIB = 64
 
 
 def test_three_receivers_one_joining_mid_loop_all_hold_verified_identical_copies(tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    expected = write_random_image(images / "disk.raw", IMAGE_MIB)
+    images, expected = random_image_dir(tmp_path, IMAGE_MIB)
     # Paced so the 64 MiB loop lasts about two seconds: the late receiver surely joins mid-loop.
     with running_server(images, tmp_path, "--rate", "300mbit") as url:
         outputs = [tmp_path / f"out-{i}.raw" for i in range(3)]
@@ -61,14 +59,12 @@ def test_a_qcow2_image_is_received_as_raw_identical_to_qemu_img_convert(tmp_path
 def test_receivers_whose_sockets_overflow_on_a_parity_stream_get_their_frames_resent_and_hold_verified_copies(tmp_path):
     # Each receiver has a small socket buffer and is stopped (SIGSTOP) for a moment while the stream runs, so
     # the kernel drops what arrives meanwhile: a different stretch for each. The stream offers parity (the
-    # default), but a receiver that lost frames because it could not keep up asks for the frames themselves:
-    # decoding would slow it further. (Parity for frames lost on the way: tests/receiver/test_receiver_parity
+    # default), but a receiver that lost frames because it could not keep up asks for the blocks it lost
+    # wholesale as frames (decoding would slow it further; the edges of the stretch may come as parity). (Parity for frames lost on the way: tests/receiver/test_receiver_parity
     # over real multicast, tests/netbed with kernel loss.)
     from ..receiver.real_server import pause, wait_for_line
 
-    images = tmp_path / "images"
-    images.mkdir()
-    expected = write_random_image(images / "disk.raw", 32)
+    images, expected = random_image_dir(tmp_path, 32)
     with running_server(images, tmp_path, "--rate", "150mbit") as url:  # ~1.9 s a loop
         outputs = [tmp_path / f"out-{i}.raw" for i in range(2)]
         logs = [tmp_path / f"r{i}.log" for i in range(2)]
@@ -90,16 +86,14 @@ def test_receivers_whose_sockets_overflow_on_a_parity_stream_get_their_frames_re
         assert code == 0, f"receiver {index} exited {code}: {log}"
         assert summary["sha1"] == expected and sha1_of(outputs[index]) == expected
         assert summary["kernel_drops"] > 0, f"receiver {index} lost nothing: the test tested no repair"
-        assert summary["repair_frames_requested"] > 0 and summary["repair_parity_requested"] == 0, summary
+        assert summary["repair_frames_requested"] > 0, summary  # the blocks it lost wholesale, as frames
         assert "the receive socket overflows" in log
         assert summary["fallback_blocks"] == 0
-    assert stream["repair_frames_sent"] > 0 and stream["parity_frames_sent"] == 0, stream
+    assert stream["repair_frames_sent"] > 0, stream
 
 
 def test_receivers_started_apart_with_min_receivers_share_one_loop_that_starts_when_the_last_joins(tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    expected = write_random_image(images / "disk.raw", 32)
+    images, expected = random_image_dir(tmp_path, 32)
     frames = -(-(32 << 20) // 1400)
     with running_server(images, tmp_path, "--rate", "300mbit") as url:
         outputs = [tmp_path / f"out-{i}.raw" for i in range(2)]
@@ -128,9 +122,7 @@ def test_receivers_started_apart_with_min_receivers_share_one_loop_that_starts_w
 
 def test_receivers_started_before_the_stream_wait_for_it_and_share_its_first_loop(tmp_path):
     # Like udp-receiver before udp-sender: the receivers wait; an operator starts the stream for both.
-    images = tmp_path / "images"
-    images.mkdir()
-    expected = write_random_image(images / "disk.raw", 32)
+    images, expected = random_image_dir(tmp_path, 32)
     frames = -(-(32 << 20) // 1400)
     with running_server(images, tmp_path, "--rate", "300mbit") as url:
         outputs = [tmp_path / f"out-{i}.raw" for i in range(2)]
@@ -157,9 +149,7 @@ def test_receivers_started_before_the_stream_wait_for_it_and_share_its_first_loo
 
 
 def test_a_receiver_waiting_for_a_stream_nobody_starts_gives_up_with_exit_6_and_starts_nothing(tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    write_random_image(images / "disk.raw", 1)
+    images, _ = random_image_dir(tmp_path, 1)
     with running_server(images, tmp_path) as url:
         process = start_receiver("disk.raw", "--server", url, "--output", str(tmp_path / "out.raw"), "--wait-for-stream", "1.5", log=tmp_path / "r.log")
         code, summary = receiver_result(process, timeout=60)

@@ -437,22 +437,23 @@ def test_the_planner_says_what_it_has_seen_of_each_blocks_parity():
     assert planner.poll(1.0, jitter=0.0).parity == ((0, 2, 0), (1, 1, 55))
 
 
-def test_a_parity_planner_told_to_ask_for_frames_does_so_until_the_time_it_was_given():
+def test_a_parity_planner_told_to_ask_for_frames_asks_so_for_blocks_that_lost_a_burst_until_the_time_given():
     from array import array
 
     layout = manifest_of(bytes(150_000), frame_size=1000, block_size=50_000).layout  # 3 blocks of 50 frames
     received = _bits(layout.frame_count)
     planner = fec_planner(layout, received, array("I", bytes(4 * layout.block_count)))
+    lost = {1, 2, *range(60, 80)}  # 2 frames of block 0; a burst of 20 (40%) of block 1
     for frame in range(150):
-        if frame not in (1, 2, 60):
+        if frame not in lost:
             received[frame] = 1
         planner.observe_carousel(frame)
     planner.poll(0.0, jitter=0.0)
     assert not planner.due(0.0) and planner.due(1.0)
     planner.ask_frames_until(1.5)  # e.g. its socket overflowed: decoding would slow it further
-    frames = planner.poll(1.0, jitter=0.0)
-    assert frames.ranges == ((1, 2), (60, 1)) and frames.parity == ()
-    received[60] = 1
-    assert planner.poll(1.2, jitter=0.0) is None  # asked for already
-    later = planner.poll(2.0, jitter=0.0)  # past 1.5 and REREQUEST_AFTER: frames 1-2 are asked for as parity
-    assert later.ranges == () and later.parity == ((0, 2),)
+    request = planner.poll(1.0, jitter=0.0)
+    assert request.ranges == ((60, 20),), "the burst as frames"
+    assert [entry[:2] for entry in request.parity] == [(0, 2)], "scattered losses still as parity"
+    received[1] = 1
+    later = planner.poll(2.0, jitter=0.0)  # past 1.5 and REREQUEST_AFTER: all as parity again
+    assert later.ranges == () and [entry[:2] for entry in later.parity] == [(0, 1), (1, 20)]
