@@ -451,8 +451,9 @@ def _detail_line(record: dict[str, Any]) -> str:
     rcvbuf = record["rcvbuf_errors"]
     parts = []
     if record["all_verified"] and record.get("seconds_until_last_finished") is not None:
+        checked = "by the receivers themselves" if record["tool"] in VMCAST_TOOLS else "by the harness"
         parts.append(f"last receiver finished {record['seconds_until_last_finished']:.2f}s "
-                     f"({record['ratio_finished_multicast_limit']}x limit), all verified by the harness "
+                     f"({record['ratio_finished_multicast_limit']}x limit), all verified {checked} "
                      f"{record['seconds_until_all_verified']:.2f}s ({record['ratio_multicast_limit']}x)")  # fmt: skip
     parts += [f"busy cores before {record.get('busy_cores_before')} during {record.get('busy_cores_during')}",
               f"RcvbufErrors sender {rcvbuf['sender']} receivers {rcvbuf['receivers']}"]  # fmt: skip

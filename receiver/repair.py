@@ -44,10 +44,16 @@ log = logging.getLogger(__name__)
 # Without GRO, the pump learns the source port of one datagram in this many (a power of two: the test is a
 # bit mask).
 OBSERVE_EVERY = 8
-# On a parity stream, a receiver whose socket overflowed asks for frames, not parity, for this long after
-# (`RepairPlanner.ask_frames_until`): one receiver on loopback, unpaced, at payload 1400, reached 0.34 Gbit/s
-# asking for parity (decoding a block for every few it received) against ~3 Gbit/s asking for frames.
+# On a parity stream, a receiver whose socket keeps overflowing asks for the blocks it loses wholesale as
+# frames, not parity, for this long after (`RepairPlanner.ask_frames_until`): one receiver on loopback,
+# unpaced, at payload 1400, reached 0.34 Gbit/s asking for parity (decoding a block for every few it
+# received) against ~2.4 Gbit/s asking for frames.
 FRAMES_AFTER_OVERFLOW = 2.0
+# ...once its socket has overflowed before this many requests in a row: a receiver that cannot keep up
+# overflows all the time, one that was held up once (a stall on shared cores) overflows once, and asking
+# for its losses as frames then sends them to every receiver: on the bed (4 receivers, 5% loss, 2 cores)
+# reacting to single overflows turned stalls into 42-58 s runs, against 33-34 s.
+SUSTAINED_OVERFLOW = 3
 
 
 
@@ -99,6 +105,8 @@ class Repairs:
         self._warned = False
         self._overflows: Callable[[], int | None] | None = None
         self._overflowed = 0
+        self._overflow_streak = 0
+        self._cannot_keep_up = False
 
     @property
     def asks(self) -> bool:
@@ -110,8 +118,9 @@ class Repairs:
         """The layout is known: plan from now on. `held`: the assembly's held frames; `parity_held`: its parity
         symbols held per block; `parity_refused`: its blocks that take no parity for now; `parity_seen`: per
         block, one past the highest ESI that arrived (all read, never written). `fec`: the stream takes
-        parity: ask for it, except for `FRAMES_AFTER_OVERFLOW` seconds after `overflows` (the receive
-        socket's drops for a full buffer) has grown."""
+        parity: ask for it, except, for `FRAMES_AFTER_OVERFLOW` seconds, for blocks lost wholesale once
+        `overflows` (the receive socket's drops for a full buffer) has grown at `SUSTAINED_OVERFLOW` requests
+        in a row."""
         if self.planner is None:
             self.planner = RepairPlanner(layout=layout, received=held, parity_held=parity_held, fec=fec, parity_refused=parity_refused,
                                          parity_seen=parity_seen)
@@ -131,9 +140,14 @@ class Repairs:
         if self._overflows is not None and planner.due(now):  # just before a request: what it asks depends on it
             overflowed = self._overflows()
             if overflowed is not None and overflowed > self._overflowed:
-                if not self._overflowed:
-                    log.info("the receive socket overflows (this receiver cannot keep up): lost frames are asked for as frames, not parity, while it does")
                 self._overflowed = overflowed
+                self._overflow_streak += 1
+            else:
+                self._overflow_streak = 0
+            if self._overflow_streak >= SUSTAINED_OVERFLOW:
+                if not self._cannot_keep_up:
+                    self._cannot_keep_up = True
+                    log.info("the receive socket keeps overflowing (this receiver cannot keep up): blocks it loses wholesale are asked for as frames, not parity, while it does")
                 planner.ask_frames_until(now + FRAMES_AFTER_OVERFLOW)
         request = planner.poll(now, jitter=random.random())
         if request is None:
