@@ -59,11 +59,11 @@ def test_a_qcow2_image_is_received_as_raw_identical_to_qemu_img_convert(tmp_path
 def test_receivers_that_lose_frames_are_repaired_by_parity_and_all_hold_verified_identical_copies(tmp_path):
     # Real loss on loopback: each receiver has a small socket buffer and is stopped (SIGSTOP) for a moment
     # while the stream runs, so the kernel drops what arrives meanwhile: a different stretch for each. One
-    # stall each: repaired with parity, the default (only a socket that keeps overflowing asks for frames).
+    # stall each: repaired with parity (only a socket that keeps overflowing asks for frames).
     from ..receiver.real_server import pause, wait_for_line
 
     images, expected = random_image_dir(tmp_path, 32)
-    with running_server(images, tmp_path, "--rate", "150mbit") as url:  # ~1.9 s a loop
+    with running_server(images, tmp_path, "--rate", "150mbit", "--fec") as url:  # ~1.9 s a loop
         outputs = [tmp_path / f"out-{i}.raw" for i in range(2)]
         logs = [tmp_path / f"r{i}.log" for i in range(2)]
         lossy = ("--rcvbuf", "64k", "--no-fallback")

@@ -306,7 +306,7 @@ def test_serve_help_says_what_no_fec_trades() -> None:
 def test_serve_announces_parity_only_with_fec(
     server_process: Callable[..., ServerProcess], images: Images, tmp_path: Path
 ) -> None:
-    for options, scheme in ((("--fec",), "raptorq"), ((), "raptorq"), (("--no-fec",), None)):
+    for options, scheme in ((("--fec",), "raptorq"), ((), None), (("--no-fec",), None)):
         server = server_process(*options, "--rate", "30mbit", cache_dir=tmp_path / f"cache-{scheme}").start()
         try:
             started = httpx.post(f"{server.url}/v1/streams", json={"image": images.raw}, timeout=30).json()
