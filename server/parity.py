@@ -105,6 +105,18 @@ def _encode_here(block_bytes: bytes, frame_size: int, first: int, count: int) ->
     return symbols, time.thread_time() - started
 
 
+def _settle(future: concurrent.futures.Future, *, result: object = None, error: BaseException | None = None) -> None:
+    """Give a job's future its outcome, unless its stream stopped and cancelled it meanwhile
+    (`ParitySource.close`): setting a cancelled future raises, and would end the worker's reader thread."""
+    try:
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
 class _Worker:
     """One ``python -m vmcast.server.parity_worker`` process, with a thread that writes its jobs (a write of a
     1 MiB block may wait while the process is busy: never in the caller's thread) and one that reads its
@@ -182,21 +194,21 @@ class _Worker:
                 if any(len(symbol) != frame_size for symbol in symbols):
                     break  # cut short: the process died mid-answer
                 if status == parity_worker.SYMBOLS:
-                    future.set_result((symbols, cpu))
+                    _settle(future, result=(symbols, cpu))
                     continue
                 with self._lock:
                     self.kept.pop(entry, None)
                 if status == parity_worker.MISSING:
-                    future.set_exception(EncoderNotKept(f"block {entry[1]}"))
+                    _settle(future, error=EncoderNotKept(f"block {entry[1]}"))
                 else:
-                    future.set_exception(ValueError(f"the parity worker refused the job for block {entry[1]}"))
+                    _settle(future, error=ValueError(f"the parity worker refused the job for block {entry[1]}"))
         finally:
             with self._lock:
                 self.alive = False
                 pending, self._pending = self._pending, {}
                 self.kept.clear()
             for future, _, _ in pending.values():
-                future.set_exception(WorkerGone("the parity worker process ended"))
+                _settle(future, error=WorkerGone("the parity worker process ended"))
 
 
 class ParityWorkers:

@@ -76,3 +76,18 @@ def test_a_worker_process_that_dies_is_started_again_and_the_symbols_still_come(
     start, end = layout.block_span(0)
     assert symbol == ParityEncoder(data[start:end], frame_size=FRAME).symbols(esi, 1)[0]
     assert workers.restarts >= 1
+
+
+def test_a_stream_that_stops_with_jobs_in_flight_leaves_the_workers_serving_the_next(workers: ParityWorkers) -> None:
+    data = os.urandom(4_300_000)  # 5 blocks
+    first, _ = source_of(data, workers)
+    for block in range(5):
+        first.prefetch(block, 40)
+    first.close()  # its stream stopped: the jobs' futures are cancelled while the workers still make them
+    second, layout = source_of(data, workers)
+    second.prefetch(2, 5)
+    wait_for_jobs(second)
+    k = layout.frames_in_block(2)
+    assert second.symbol(2, k) is not None
+    assert workers.restarts == 0, "an answer to a cancelled job ended a worker's reader"
+    assert all(worker.alive for worker in workers._workers if worker is not None)
