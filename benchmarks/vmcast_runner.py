@@ -353,7 +353,8 @@ def run_vmcast(
                 session.start(receiver, [*argv, "--wait-for-stream", str(timeout)], f"receiver{index}")
             operator = session.start(sender, [sys.executable, "-c", _API_PROGRAM, base_url, "operate", str(timeout),
                                               image_path.name, str(receiver_count), str(HOLD_MAX_WAIT_SECONDS)], "operator")  # fmt: skip
-            if not _all_waiting(session, receiver_count) or not _logged(session, "operator", "ready"):
+            receivers_waiting = _all_logged(session, [f"receiver{i}" for i in range(receiver_count)], WAITING_LINE)
+            if not receivers_waiting or not _all_logged(session, ["operator"], "ready"):
                 session.notes.append("the receivers did not all wait for the stream, or the operator was not ready, "
                                      f"within {WAITING_TIMEOUT_SECONDS:g}s: …{session.log_tail('receiver0')} "
                                      f"…{session.log_tail('operator')}")  # fmt: skip
@@ -431,33 +432,21 @@ def run_vmcast(
     return dataclasses.replace(result, per_receiver_sha1_ok=oks, seconds_until_all_verified=finished, seconds_until_last_finished=finished)
 
 
-def _logged(session: ToolSession, label: str, line: str) -> bool:
-    """Whether process `label` has logged `line` within `WAITING_TIMEOUT_SECONDS` (False if it exited first)."""
+def _all_logged(session: ToolSession, labels: Sequence[str], line: str) -> bool:
+    """Whether every process of `labels` has logged `line` within `WAITING_TIMEOUT_SECONDS`; False as soon as
+    one of them has exited without."""
     deadline = time.monotonic() + WAITING_TIMEOUT_SECONDS
+    pending = list(labels)
     while time.monotonic() < deadline:
         session.reap()
-        if line in _read(session.dir / f"{label}.log"):
-            return True
-        if session.exited(label):
-            return False
-        time.sleep(POLL_INTERVAL_SECONDS / 10)
-    return False
-
-
-def _all_waiting(session: ToolSession, receiver_count: int) -> bool:
-    """Whether every receiver has logged that it waits for the stream, within `WAITING_TIMEOUT_SECONDS`."""
-    deadline = time.monotonic() + WAITING_TIMEOUT_SECONDS
-    waiting: set[int] = set()
-    while time.monotonic() < deadline:
-        session.reap()
-        for index in range(receiver_count):
-            if session.exited(f"receiver{index}"):
+        for label in list(pending):
+            if line in _read(session.dir / f"{label}.log"):
+                pending.remove(label)
+            elif session.exited(label):
                 return False
-            if index not in waiting and WAITING_LINE in _read(session.dir / f"receiver{index}.log"):
-                waiting.add(index)
-        if len(waiting) == receiver_count:
+        if not pending:
             return True
-        time.sleep(POLL_INTERVAL_SECONDS)
+        time.sleep(POLL_INTERVAL_SECONDS / 10)
     return False
 
 

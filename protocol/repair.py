@@ -283,7 +283,7 @@ class RepairPlanner:
         if self._next_request_at is None:
             self._next_request_at = now + self.interval * (1 + REQUEST_JITTER * jitter)
             return None
-        if now < self._next_request_at or self._join is None:
+        if not self.due(now):
             return None
         self._next_request_at = now + self.interval * (1 + REQUEST_JITTER * jitter)
         self._expire_requests(now)
