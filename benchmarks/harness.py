@@ -22,7 +22,9 @@ of this command, and the harness prints ONE table:
 * time until the last receiver *finished* (exited with its copy, or reported it complete) and its ratio to
   the multicast limit: for vmcast that includes the receiver's own SHA-1 verification and fsync (so it is the
   headline), for the peers neither (their headline adds the harness's read-back and SHA-1 of every copy);
-* sender wire bytes / image size (Ethernet headers, retransmissions and control traffic included);
+* sender wire bytes / image size (Ethernet headers, retransmissions and control traffic included), and the
+  bytes the tool's sender itself sent (the same less each packet's Ethernet, IP and UDP or TCP headers) / image
+  size, and in the JSON / the image's non-zero part;
 * CPU seconds: of the tool's processes (sender and receivers, ``wait4``), and of the whole machine
   (``/proc/stat`` busy time over the run, so kernel networking, tbf, bridge and writeback included, minus
   this process's own SHA-1 re-checks, and for vmcast minus the untimed server start and manifest pre-warm);
@@ -333,6 +335,11 @@ def _one_run(tool: str, receivers: int, loss: float, zero_fraction: float, image
         "header_floor_seconds": None if multicast_limit is None else round(multicast_limit * frame.ratio, 3),
         "sender_wire_bytes": result.sender_wire_bytes,
         "wire_per_image": round(result.sender_wire_bytes / size_bytes, 3),
+        "sender_packets": result.sender_packets,
+        "sender_payload_bytes": result.sender_payload_bytes(),
+        "payload_per_image": round(result.sender_payload_bytes() / size_bytes, 3),
+        # Against what must be sent at all: the image less its all-zero blocks (which vmcast does not send).
+        "payload_per_nonzero": round(result.sender_payload_bytes() / (size_bytes - round(zero_fraction * settings.size_mib) * BLOCK_BYTES), 4),
         "cpu_seconds_tool": round(result.cpu_seconds, 2),
         "cpu_seconds_machine": round(machine_cpu, 2),
         "rcvbuf_errors": {"sender": rcvbuf[0], "receivers": rcvbuf[1:]},
@@ -360,7 +367,7 @@ _COLUMNS = [
     ("tool", 11, "tool"), ("N", 3, "receivers"), ("loss%", 5, "loss_percent"), ("image", 7, None),
     ("verified s", 10, "seconds_until_all_verified"), ("/mcast lim", 10, "ratio_multicast_limit"),
     ("finished s", 10, "seconds_until_last_finished"), ("/lim", 5, "ratio_finished_multicast_limit"),
-    ("/N*lim", 7, "ratio_unicast_limit"), ("wire/img", 8, "wire_per_image"), ("tool cpu s", 10, "cpu_seconds_tool"),
+    ("/N*lim", 7, "ratio_unicast_limit"), ("wire/img", 8, "wire_per_image"), ("sent/img", 8, "payload_per_image"), ("tool cpu s", 10, "cpu_seconds_tool"),
     ("machine cpu s", 13, "cpu_seconds_machine"), ("bad", 5, None),
 ]  # fmt: skip
 
@@ -401,7 +408,9 @@ TABLE_FOOTNOTE = (
     "  above it: see 'headers' above the table). finished s: start to the last receiver exiting with its copy (uftp:\n"
     "  uftpd reporting it); vmcast's has already checked its SHA-1 and fsynced, the peers' have not. /lim: that time /\n"
     "  the multicast limit. /N*lim: verified s / (N x the limit), the floor of N unicast copies sharing the sender's\n"
-    "  uplink (HTTP's). wire/img: sender lan0 tx bytes / image bytes.\n"
+    "  uplink (HTTP's). wire/img: sender lan0 tx bytes / image bytes. sent/img: the same less each packet's\n"
+    "  Ethernet, IPv4 and UDP (TCP) headers: the bytes the tool's sender sent (its own headers, data, repairs,\n"
+    "  control) / image bytes.\n"
     "  tool cpu s: sender + receiver processes. machine cpu s: /proc/stat busy over the run minus the harness's own\n"
     "  SHA-1 re-checks (kernel networking and writeback included). bad: receivers without a verified copy.\n"
     "  *: other work kept the shared cores busy when the run started (see busy_cores_before in the JSON).\n"

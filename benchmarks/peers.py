@@ -27,6 +27,10 @@ What is measured, the same way for every tool:
 ``sender_wire_bytes``
     ``tx_bytes`` of the sender's ``lan0`` over the run, Ethernet headers
     included: data, retransmissions and control traffic.
+``sender_packets``
+    ``tx_packets`` of the same interface over the same time: what takes
+    the Ethernet, IP and UDP (TCP) headers out of ``sender_wire_bytes``
+    (:func:`packet_header_bytes`), leaving the bytes the tool itself sent.
 ``cpu_seconds``
     user + system CPU of every tool process (sender and receivers), taken
     from ``wait4`` when each is reaped. Our own SHA-1 checking is excluded.
@@ -123,6 +127,14 @@ def peer_data_frame(tool: str, *, mtu: int) -> DataFrame:
     raise ValueError(f"no data frame known for {tool!r}")
 
 
+def packet_header_bytes(tool: str) -> int:
+    """Bytes of every packet a tool's sender puts on the bed's link that the tool itself did not send:
+    Ethernet, IPv4 and UDP headers (TCP with timestamps for http). Taking them out of the wire bytes leaves
+    the datagrams' (segments') payloads: the tool's own headers, data, repairs and control messages."""
+    transport = TCP_HEADER_BYTES if tool == "http" else UDP_HEADER_BYTES
+    return ETHERNET_HEADER_BYTES + IPV4_HEADER_BYTES + transport
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class PeerResult:
     """The outcome of sending one image to every receiver with one peer tool."""
@@ -135,6 +147,12 @@ class PeerResult:
     notes: str
     seconds_until_last_finished: float | None = None
     """Start to the last receiver's finishing with its copy (see the module docstring); None unless all verified."""
+    sender_packets: int = 0
+    """Packets the sender put on its link over the same time as `sender_wire_bytes`."""
+
+    def sender_payload_bytes(self) -> int:
+        """What the tool itself sent: the wire bytes less each packet's Ethernet, IPv4 and UDP (TCP) headers."""
+        return self.sender_wire_bytes - self.sender_packets * packet_header_bytes(self.tool)
 
     @property
     def all_verified(self) -> bool:
@@ -224,7 +242,7 @@ class ToolSession:
         self._hash_futures: dict[int, concurrent.futures.Future[tuple[str, float]]] = {}
         self._finished_at: dict[int, float] = {}
         self.started_at: float | None = None
-        self._tx_bytes_at_start = 0
+        self._tx_at_start = (0, 0)  # (bytes, packets)
         self._rcvbuf_errors_at_start: list[int] = []
         if keep_work_dir:
             self.notes.append(f"work dir kept: {self.dir}")
@@ -324,7 +342,7 @@ class ToolSession:
 
     def start_clock(self) -> None:
         self._rcvbuf_errors_at_start = [r.rcvbuf_errors() for r in self.bed.receivers]
-        self._tx_bytes_at_start = self.bed.sender.tx_bytes()
+        self._tx_at_start = self.bed.sender.tx_counters()
         self.started_at = time.monotonic()
 
     def seconds_left(self) -> float:
@@ -368,9 +386,9 @@ class ToolSession:
     def result(self) -> PeerResult:
         """Build the result; call after the tool processes were stopped."""
         if self.started_at is None:  # the tool never got started
-            self._tx_bytes_at_start = self.bed.sender.tx_bytes()
+            self._tx_at_start = self.bed.sender.tx_counters()
             self._rcvbuf_errors_at_start = [r.rcvbuf_errors() for r in self.bed.receivers]
-        tx_bytes = self.bed.sender.tx_bytes() - self._tx_bytes_at_start
+        tx_bytes, tx_packets = (now - before for now, before in zip(self.bed.sender.tx_counters(), self._tx_at_start, strict=True))
         oks = []
         hashed_at = []
         for index in range(len(self.bed.receivers)):
@@ -401,6 +419,7 @@ class ToolSession:
             seconds_until_all_verified=seconds,
             per_receiver_sha1_ok=oks,
             sender_wire_bytes=tx_bytes,
+            sender_packets=tx_packets,
             cpu_seconds=round(self.cpu_seconds, 3),
             notes="; ".join(self.notes) or "-",
             seconds_until_last_finished=finished,

@@ -194,11 +194,17 @@ class Host:
 
     def interface_bytes(self) -> tuple[int, int]:
         """``(tx_bytes, rx_bytes)`` of ``lan0`` so far, Ethernet headers included."""
-        return _interface_bytes(self.netns, self.interface)
+        stats = _interface_stats(self.netns, self.interface)
+        return int(stats["tx"]["bytes"]), int(stats["rx"]["bytes"])
 
     def tx_bytes(self) -> int:
         """Bytes this host has put on its link so far (Ethernet headers included)."""
         return self.interface_bytes()[0]
+
+    def tx_counters(self) -> tuple[int, int]:
+        """``(bytes, packets)`` this host has put on its link so far (bytes with Ethernet headers)."""
+        stats = _interface_stats(self.netns, self.interface)
+        return int(stats["tx"]["bytes"]), int(stats["tx"]["packets"])
 
 
 def _parse_snmp_section(text: str, section: str) -> dict[str, int]:
@@ -211,10 +217,9 @@ def _parse_snmp_section(text: str, section: str) -> dict[str, int]:
     return {name: int(value) for name, value in zip(names, values, strict=True)}
 
 
-def _interface_bytes(netns: str, interface: str) -> tuple[int, int]:
+def _interface_stats(netns: str, interface: str) -> dict[str, Any]:
     completed = _ip(["-n", netns, "-json", "-statistics", "link", "show", "dev", interface], capture=True)
-    stats = json.loads(completed.stdout)[0]["stats64"]
-    return int(stats["tx"]["bytes"]), int(stats["rx"]["bytes"])
+    return json.loads(completed.stdout)[0]["stats64"]
 
 
 def _run_checked(argv: Sequence[str], *, input_text: str | None = None, capture: bool = False) -> subprocess.CompletedProcess:

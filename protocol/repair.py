@@ -211,6 +211,10 @@ class RepairPlanner:
         self.requests_sent = 0
         self.frames_requested = 0
         self.parity_requested = 0
+        self.restarts_seen = 0
+        """Times the carousel went back from the middle of the image (taken for a sender restart)."""
+        self.last_restart: tuple[int, int] | None = None
+        """``(from frame, to frame)`` of the latest of those."""
         self._join: int | None = None
         self._head = 0
         self._passed_everything = False
@@ -261,6 +265,8 @@ class RepairPlanner:
                 # not come round again yet: start over from here, as if joining now.
                 self._join = frame
                 self._wrapped = self._passed_everything = False
+                self.restarts_seen += 1
+                self.last_restart = (self._head, frame)
         elif self._wrapped and frame >= self._join:
             self._passed_everything = True
         self._head = frame

@@ -182,6 +182,7 @@ def test_a_sender_restarting_its_loop_mid_image_is_not_taken_for_a_wrap():
         planner.observe_carousel(frame)
     planner.poll(0.0, jitter=0.0)
     assert planner.poll(10.0, jitter=0.0) is None  # 600-999 were never sent: nothing to ask for
+    assert planner.restarts_seen == 1 and planner.last_restart == (599, 0)
 
 
 def test_a_few_frames_seen_out_of_order_are_reordering_not_a_sender_restart():
@@ -196,6 +197,7 @@ def test_a_few_frames_seen_out_of_order_are_reordering_not_a_sender_restart():
         planner.observe_carousel(frame)
     planner.poll(0.0, jitter=0.0)
     assert planner.poll(1.0, jitter=0.0).ranges == ((100, 1),)
+    assert planner.restarts_seen == 0
 
 
 def test_a_sender_restart_far_back_is_still_told_apart_from_reordering():
