@@ -50,9 +50,9 @@ REQUEST_JITTER = 0.5
 # the network or still in a socket buffer is not lost.
 REORDER_MARGIN = 64
 
-# How far back the carousel's position may seem to step and still be reordering, not a sender restart: a few
-# late GRO batches (up to 64 datagrams each). A restart that goes back less than this is harmless to miss: the
-# frames in between were passed and are asked for like any.
+# A step back of the carousel's position by at most this many frames, to beyond the image's first ones, is
+# reordering on the way even at the end of a loop (a few late GRO batches of up to 64 datagrams each), not
+# a wrap to the image's start.
 REORDERED_STEP_BACK = 4 * REORDER_MARGIN
 
 # A frame asked for is not asked for again before this long: time for the sender to serve the request. The
@@ -211,12 +211,13 @@ class RepairPlanner:
         self.requests_sent = 0
         self.frames_requested = 0
         self.parity_requested = 0
-        self.restarts_seen = 0
-        """Times the carousel went back from the middle of the image (taken for a sender restart)."""
-        self.last_restart: tuple[int, int] | None = None
+        self.steps_back = 0
+        """Times the carousel's position went back from the middle of the image (`observe_carousel`)."""
+        self.last_step_back: tuple[int, int] | None = None
         """``(from frame, to frame)`` of the latest of those."""
         self._join: int | None = None
         self._head = 0
+        self._behind = False  # the latest frames observed were behind `_head` (a step back not yet made up)
         self._passed_everything = False
         self._wrapped = False
         self._next_request_at: float | None = None
@@ -251,28 +252,32 @@ class RepairPlanner:
         if frame < self._head:
             if self._head - frame <= REORDERED_STEP_BACK and frame >= REORDERED_STEP_BACK:
                 # A step back of a few frames is reordering on the way (a late GRO batch: the test bed saw 39
-                # frames), not a move: taking it for a sender restart cost a receiver most of a loop. Only a
-                # step back to the image's first frames can be a wrap (in a small image, any step back).
+                # frames), not a wrap. Only a step back to the image's first frames can be a wrap (in a small
+                # image, any step back).
                 return
-            if self._at_loop_end(self._head):
-                # The carousel wrapped to the image's start (it only goes forward otherwise).
-                if self._wrapped:
-                    self._passed_everything = True
-                self._wrapped = True
-            else:
-                # It went back from the middle of the image: the sender restarted its loop (a server restart).
-                # What it sent before is still passed, but the frames between here and the old position have
-                # not come round again yet: start over from here, as if joining now.
-                self._join = frame
-                self._wrapped = self._passed_everything = False
-                self.restarts_seen += 1
-                self.last_restart = (self._head, frame)
+            if not self._at_loop_end(self._head):
+                # A step back from the middle of the image: datagrams reordered by more than a few batches,
+                # or a sender that restarted its loop (a server restart). Either way, what the carousel passed
+                # is still passed, and the position stays until the carousel is past it again. Frames lost
+                # between here and there are asked for now; after a restart the carousel would bring them
+                # again soon, so a few may come twice. Taking the step for a new join point instead would
+                # make every frame lost before it wait a whole loop, whichever it was.
+                if not self._behind:  # counted once, not for every frame until it is past the position again
+                    self._behind = True
+                    self.steps_back += 1
+                    self.last_step_back = (self._head, frame)
+                return
+            # The carousel wrapped to the image's start (it only goes forward otherwise).
+            if self._wrapped:
+                self._passed_everything = True
+            self._wrapped = True
         elif self._wrapped and frame >= self._join:
             self._passed_everything = True
         self._head = frame
+        self._behind = False
 
     def _at_loop_end(self, head: int) -> bool:
-        """Whether `head` was the last frame of a loop rather than a point where the sender restarted.
+        """Whether `head` was the last frame of a loop rather than a point the carousel stepped back from.
 
         Near the image's end (the last 1%, at least the reorder margin) it is a loop end: a burst lost across
         the end of a loop must not look like a restart (the scale model caught that costing a whole loop).

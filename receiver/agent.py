@@ -237,9 +237,9 @@ class ReceiveResult:
     """Frames those requests asked for."""
     repair_send_errors: int = 0
     """Repair requests that could not be sent."""
-    carousel_restarts: int = 0
-    """Times the carousel went back from the middle of the image (a sender restart): frames it had passed
-    before are asked for again only once it passes them anew."""
+    carousel_steps_back: int = 0
+    """Times the carousel's position went back from the middle of the image (a sender restart, or datagrams
+    reordered on the way)."""
     repair_parity_requested: int = 0
     """Parity symbols those requests asked for (FEC)."""
     parity_frames: int = 0
@@ -306,7 +306,7 @@ class ReceiveResult:
             "repair_requests": self.repair_requests,
             "repair_frames_requested": self.repair_frames_requested,
             "repair_send_errors": self.repair_send_errors,
-            "carousel_restarts": self.carousel_restarts,
+            "carousel_steps_back": self.carousel_steps_back,
             "repair_parity_requested": self.repair_parity_requested,
             "parity_frames": self.parity_frames,
             "recovered_blocks": self.recovered_blocks,
@@ -658,7 +658,7 @@ async def _run_pump(run: _Run, group_socket: GroupSocket, outcome: _Outcome, can
                 repair_requests=repairs.requests_sent if repairs is not None else 0,
                 repair_frames_requested=repairs.frames_requested if repairs is not None else 0,
                 repair_send_errors=repairs.send_errors if repairs is not None else 0,
-                carousel_restarts=repairs.planner.restarts_seen if repairs is not None and repairs.planner is not None else 0,
+                carousel_steps_back=repairs.planner.steps_back if repairs is not None and repairs.planner is not None else 0,
                 repair_parity_requested=repairs.parity_requested if repairs is not None else 0,
                 parity_frames=result.parity_frames,
                 recovered_blocks=result.recovered_blocks,

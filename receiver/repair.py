@@ -107,7 +107,7 @@ class Repairs:
         self._overflowed = 0
         self._overflow_streak = 0
         self._cannot_keep_up = False
-        self._restarts_logged = 0
+        self._step_back_logged = False
 
     @property
     def asks(self) -> bool:
@@ -150,10 +150,11 @@ class Repairs:
                     self._cannot_keep_up = True
                     log.info("the receive socket keeps overflowing (this receiver cannot keep up): blocks it loses wholesale are asked for as frames, not parity, while it does")
                 planner.ask_frames_until(now + FRAMES_AFTER_OVERFLOW)
-        if planner.restarts_seen != self._restarts_logged:
-            self._restarts_logged = planner.restarts_seen
-            old, new = planner.last_restart or (-1, -1)
-            log.info("the carousel went back from frame %d to frame %d: taken for a sender restart, frames are asked for again once it passes them", old, new)
+        if planner.steps_back and not self._step_back_logged:
+            self._step_back_logged = True  # once: reordering may do it again and again
+            old, new = planner.last_step_back or (-1, -1)
+            log.info("the carousel's position went back from frame %d to %d (a sender restart, or datagrams reordered "
+                     "on the way): what it passed before is still asked for (counted in carousel_steps_back)", old, new)
         request = planner.poll(now, jitter=random.random())
         if request is None:
             return

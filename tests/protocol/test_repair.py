@@ -182,7 +182,8 @@ def test_a_sender_restarting_its_loop_mid_image_is_not_taken_for_a_wrap():
         planner.observe_carousel(frame)
     planner.poll(0.0, jitter=0.0)
     assert planner.poll(10.0, jitter=0.0) is None  # 600-999 were never sent: nothing to ask for
-    assert planner.restarts_seen == 1 and planner.last_restart == (599, 0)
+    assert planner.steps_back == 1 and planner.last_step_back == (599, 0)
+    assert not planner.passed_everything
 
 
 def test_a_few_frames_seen_out_of_order_are_reordering_not_a_sender_restart():
@@ -197,10 +198,12 @@ def test_a_few_frames_seen_out_of_order_are_reordering_not_a_sender_restart():
         planner.observe_carousel(frame)
     planner.poll(0.0, jitter=0.0)
     assert planner.poll(1.0, jitter=0.0).ranges == ((100, 1),)
-    assert planner.restarts_seen == 0
+    assert planner.steps_back == 0
 
 
-def test_a_sender_restart_far_back_is_still_told_apart_from_reordering():
+def test_a_step_back_from_mid_image_keeps_what_was_passed():
+    # Whether datagrams reordered by many batches or a sender that restarted its loop at 900: frame 100 was
+    # sent and lost, so it is asked for now. Taking the step for a new join point made it wait a whole loop.
     layout = manifest_of(bytes(2_000_000), frame_size=1000).layout
     received = _bits(layout.frame_count)
     planner = RepairPlanner(layout=layout, received=received)
@@ -209,8 +212,21 @@ def test_a_sender_restart_far_back_is_still_told_apart_from_reordering():
             received[frame] = 1
         planner.observe_carousel(frame)
     planner.poll(0.0, jitter=0.0)
-    # A restart from 900: only what the carousel sent since is passed; frame 100 comes round again by itself.
-    assert planner.poll(1.0, jitter=0.0) is None
+    assert planner.poll(1.0, jitter=0.0).ranges == ((100, 1),)
+    assert planner.steps_back == 1 and planner.last_step_back == (1499, 900)
+
+
+def test_after_a_step_back_a_whole_loop_still_counts_as_everything_passed():
+    layout = manifest_of(bytes(1_000_000), frame_size=1000).layout
+    received = _bits(layout.frame_count)
+    planner = RepairPlanner(layout=layout, received=received)
+    # Joined at 300; the sender restarted at 500 (back from 700), then its carousel went on, wrapped and came
+    # round to the join point: every frame has been sent since.
+    for frame in [*range(300, 700), *range(500, 1000), *range(0, 300)]:
+        planner.observe_carousel(frame)
+    assert not planner.passed_everything
+    planner.observe_carousel(300)
+    assert planner.passed_everything
 
 
 # -- parity requests (docs/PROTOCOL.md section 8) ---------------------------------------------------------------
