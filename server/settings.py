@@ -67,7 +67,7 @@ class Settings(BaseSettings):
         ),
     )
     fec: bool = Field(
-        False,
+        True,
         description=(
             "Answer repair requests with RaptorQ parity (one parity frame repairs any one lost frame of a block, "
             "at every receiver) where the stream's frame size allows it; False: always resend the lost frames."

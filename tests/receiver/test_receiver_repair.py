@@ -38,10 +38,11 @@ def test_a_receiver_that_lost_frames_asks_for_them_and_finishes_about_when_the_f
     assert summary["sha1"] == real_server.sha1["repair.raw"] == sha1_of(output)
     assert summary["kernel_drops"] > 0, "the pause lost nothing: the test did not test repairs"
     assert summary["repair_requests"] > 0 and stream["repair_requests"] > 0
-    # The server sends no parity by default (--fec turns it on; tests/e2e and tests/receiver/test_receiver_parity
-    # cover that path): the receiver asks for the frames themselves.
-    assert stream["fec"] is None
-    assert summary["repair_frames_requested"] > 0 and stream["repair_frames_sent"] > 0
+    # The stream offers parity (the default): one stall is repaired with parity like any loss (a receiver
+    # asks for frames only when its socket keeps overflowing: the test below).
+    assert stream["fec"] == "raptorq"
+    assert summary["repair_parity_requested"] > 0 and stream["parity_frames_sent"] > 0
+    assert "keeps overflowing" not in log.read_text()
     assert summary["corrupt_blocks"] == 0
     assert summary["fallback_blocks"] == 0
     # Without repairs the lost frames come again only in the second loop, after the half of it that the
