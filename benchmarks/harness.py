@@ -490,7 +490,11 @@ def _detail_line(record: dict[str, Any]) -> str:
         stream = vmcast.get("stream") or {}
         if stream:
             parts.append(f"loops {stream.get('loops_completed')} repairs asked {stream.get('repair_requests')} "
-                         f"sent {stream.get('repair_frames_sent')} dropped {stream.get('repair_drops')}")  # fmt: skip
+                         f"sent {stream.get('repair_frames_sent')} dropped {stream.get('repair_drops')} parity sent "
+                         f"{stream.get('parity_frames_sent')}; sender's pacing lost {stream.get('pacing_missed_seconds')} s")  # fmt: skip
+        steps = [receiver.get("carousel_steps_back") for receiver in vmcast.get("receivers") or []]
+        if any(steps):
+            parts.append(f"carousel steps back seen by the receivers {steps}")
     if not record["all_verified"]:
         parts.append(f"notes: {record['notes']}")
     return head + " " + "; ".join(parts)

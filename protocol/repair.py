@@ -64,6 +64,13 @@ REREQUEST_AFTER = 0.3
 # parity twice for crossing requests (the bed at 1% loss: 15.7-40.9 symbols per block for receivers missing
 # ~7.5 each); too long makes a receiver that lost some of them wait `REREQUEST_AFTER` for its next request.
 PARITY_IN_FLIGHT = 0.1
+# Parity symbols a receiver asks for beyond the frames it misses. Decoding from exactly K symbols fails ~1% of
+# the time (from K + 1, 1 in 10,000), and one symbol of the answer may be lost on the way: either way, without
+# a spare the receiver learns it needs one more only after the request's symbols came, and asks again when
+# `REREQUEST_AFTER` has passed: at the end of a loop, that wait adds to the whole transfer's time. One
+# spare costs one symbol per block asked for (the sender sends the most any receiver asked: ~0.13% of the
+# image at 1% loss) and makes the round trip rare.
+PARITY_MARGIN = 1
 # While a receiver's socket overflows (`RepairPlanner.ask_frames_until`), blocks missing at least this fraction
 # of their frames are asked for as frames. On the bed (4 receivers, 5% loss, 2 shared cores) one receiver
 # starved for ~1 s lost 26k datagrams; asking for all its losses as frames then resent 60k frames to everyone.
@@ -186,7 +193,7 @@ class RepairPlanner:
     With ``fec=True`` (the stream's metadata says ``"fec": "raptorq"``: `Assembly.fec`) it asks for parity
     instead, per block: ``count`` = the block's frames it would ask for (the rules above) less the parity
     held for the block (`parity_held`, the assembly's array) that is not already answering an earlier
-    request of this block; those frames then count as asked for, so they are not counted again before
+    request of this block, plus `PARITY_MARGIN`; those frames then count as asked for, so they are not counted again before
     `REREQUEST_AFTER`. A request still in flight is thus not asked twice, and parity that came beyond what
     was asked (the sender sends the most any receiver needs) stands in for frames lost since. With
     `parity_seen` (the assembly's array: per block, one past the highest ESI that arrived) each entry also
@@ -354,6 +361,7 @@ class RepairPlanner:
                 count -= max(0, held[block] - answering)
             if count <= 0:
                 continue
+            count += PARITY_MARGIN
             parity.append((block, count) if self.parity_seen is None else (block, count, self.parity_seen[block]))
             for start, end in spans:
                 requested[start:end] = 1

@@ -44,11 +44,17 @@ class TokenBucket:
         self.capacity = self.wake_bytes + self.rate * BURST_SECONDS / 2 + self.catch_up
         self.tokens = self.wake_bytes  # a start is not a late wake-up: no catch-up burst
         self.updated = now
+        self.missed = 0.0
+        """Bytes of rate the caller did not use: what came while the bucket was full (a wake-up later than
+        the catch-up covers, or nothing to send). `missed` / `rate` is sending time lost at the rate."""
 
     def take(self, cost: int, now: float) -> float:
         """Take `cost` bytes and return 0.0 if the bucket holds them; else take nothing and return how long
         to wait before asking again."""
-        tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        tokens = self.tokens + (now - self.updated) * self.rate
+        if tokens > self.capacity:
+            self.missed += tokens - self.capacity
+            tokens = self.capacity
         self.updated = now
         if tokens + _ROUNDING >= cost:
             self.tokens = tokens - cost

@@ -196,6 +196,9 @@ class SenderStats:
     time its symbols made ahead ran out."""
     parity_cpu_seconds: float
     """CPU time the server's parity worker processes spent on this stream's parity (encoders and symbols)."""
+    pacing_missed_seconds: float
+    """Sending time lost at the rate: the sender woke later than its pacing could make up (a busy machine),
+    or had nothing to send. 0 for an unpaced sender."""
     gso: bool
     """Data frames leave in UDP GSO batches (False: asked not to, refused by the kernel, or batches of one)."""
     carousel_port: int
@@ -454,6 +457,7 @@ class Sender:
             parity_frames_sent=self.parity_frames_sent,
             parity_jobs=self._parity.jobs,
             parity_cpu_seconds=self._parity.cpu_seconds,
+            pacing_missed_seconds=self._bucket.missed / self._bucket.rate if self._bucket is not None else 0.0,
             gso=self.gso,
             carousel_port=self.carousel_port,
             holding=self.holding,

@@ -96,3 +96,16 @@ def test_below_one_datagram_per_burst_the_bucket_still_admits_whole_datagrams() 
 def test_a_zero_rate_needs_no_bucket() -> None:
     with pytest.raises(ValueError, match="unpaced"):
         TokenBucket(rate_bps=0, largest_cost=DATAGRAM, now=0.0)
+
+
+def test_the_bucket_counts_the_sending_time_a_late_wake_up_lost() -> None:
+    rate_bps = 300_000_000
+    bucket = TokenBucket(rate_bps=rate_bps, largest_cost=DATAGRAM, now=0.0)
+    while bucket.take(DATAGRAM, 0.0) == 0.0:
+        pass
+    bucket.take(DATAGRAM, 0.005)  # a wake-up within the catch-up: nothing lost
+    assert bucket.missed == 0.0
+    bucket.take(DATAGRAM, 0.105)  # 100 ms late: all but the bucket's room is lost
+    lost_seconds = bucket.missed / bucket.rate
+    room_seconds = bucket.capacity / bucket.rate
+    assert 0.1 - room_seconds <= lost_seconds <= 0.1

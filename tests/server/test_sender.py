@@ -29,7 +29,7 @@ from vmcast.protocol import (
 )
 from vmcast.server.errors import ConfigurationError, ImageChanged
 from vmcast.server.files import FileIdentity
-from vmcast.server.pacing import TokenBucket
+from vmcast.server.pacing import BURST_SECONDS, CATCH_UP_BYTES, CATCH_UP_SECONDS, TokenBucket
 from vmcast.server.rates import parse_rate
 from vmcast.server.sender import (
     GSO_MAX_BYTES,
@@ -148,7 +148,7 @@ def test_a_receiver_reassembles_and_verifies_the_image_from_what_the_sender_send
     assert sum(assembly.drops.values()) == 0
 
 
-def test_pacing_keeps_every_100ms_window_within_10_percent_of_the_rate(start_sender) -> None:
+def test_pacing_keeps_every_100ms_window_within_the_rate_and_its_documented_burst(start_sender) -> None:
     rate = parse_rate("50mbit")
     _, listener = start_sender(os.urandom(4_000_000), rate="50mbit")
     listener.listen(0.2)  # let the start settle; the bucket starts full
@@ -168,7 +168,11 @@ def test_pacing_keeps_every_100ms_window_within_10_percent_of_the_rate(start_sen
             busiest = max(busiest, in_window)
         in_window -= left.size + IP_UDP_HEADER_SIZE
     achieved = sum(item.size + IP_UDP_HEADER_SIZE for item in heard) * 8 / (end - start)
-    assert busiest * 8 / window <= rate * 1.10, f"a 100 ms window carried {busiest * 8 / window / 1e6:.1f} Mbit/s"
+    # The pacing's bound (server/pacing.py): the rate, its burst, and what a late wake-up makes up. Within 10%
+    # of the rate when the sender wakes on time; up to 12% at this rate when a loaded machine wakes it late.
+    catch_up = min(rate / 8 * CATCH_UP_SECONDS, CATCH_UP_BYTES)
+    bound = rate / 8 * (window + BURST_SECONDS) + catch_up + 1500
+    assert busiest <= bound, f"a 100 ms window carried {busiest * 8 / window / 1e6:.1f} Mbit/s (bound {bound * 8 / window / 1e6:.1f})"
     # Below the rate only if this shared machine starves the sender thread; never above it.
     assert rate * 0.8 <= achieved <= rate * 1.02, f"{achieved / 1e6:.1f} Mbit/s for {rate / 1e6:.0f}"
 
