@@ -336,6 +336,8 @@ def _one_run(tool: str, receivers: int, loss: float, zero_fraction: float, image
         "sender_wire_bytes": result.sender_wire_bytes,
         "wire_per_image": round(result.sender_wire_bytes / size_bytes, 3),
         "sender_packets": result.sender_packets,
+        # Per receiver, the bytes its copy had allocated on disk: below the image's size, the copy is sparse.
+        "copies_allocated_bytes": result.allocated_bytes,
         "sender_payload_bytes": result.sender_payload_bytes(),
         "payload_per_image": round(result.sender_payload_bytes() / size_bytes, 3),
         # Against what must be sent at all: the image less its all-zero blocks (which vmcast does not send).
@@ -466,6 +468,10 @@ def _detail_line(record: dict[str, Any]) -> str:
                      f"{record['seconds_until_all_verified']:.2f}s ({record['ratio_multicast_limit']}x)")  # fmt: skip
     parts += [f"busy cores before {record.get('busy_cores_before')} during {record.get('busy_cores_during')}",
               f"RcvbufErrors sender {rcvbuf['sender']} receivers {rcvbuf['receivers']}"]  # fmt: skip
+    allocated = record.get("copies_allocated_bytes") or []
+    if allocated:
+        parts.append(f"copies allocate {', '.join(f'{size / 2**20:.0f}' for size in allocated)} MiB of "
+                     f"{record['image']['size_bytes'] / 2**20:.0f}")  # fmt: skip
     tbf = record.get("tbf")
     if tbf:
         parts.append(f"tbf drops sender uplink {tbf['sender_up_drops']} receiver downlinks {tbf['receivers_down_drops']} "

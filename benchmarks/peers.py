@@ -149,6 +149,8 @@ class PeerResult:
     """Start to the last receiver's finishing with its copy (see the module docstring); None unless all verified."""
     sender_packets: int = 0
     """Packets the sender put on its link over the same time as `sender_wire_bytes`."""
+    allocated_bytes: list[int] = dataclasses.field(default_factory=list)
+    """Per receiver, the bytes its copy had allocated on disk when it was checked (less than the image: holes)."""
 
     def sender_payload_bytes(self) -> int:
         """What the tool itself sent: the wire bytes less each packet's Ethernet, IPv4 and UDP (TCP) headers."""
@@ -202,9 +204,14 @@ def make_random_image(path: Path, size_bytes: int) -> str:
     return digest.hexdigest()
 
 
-def _timed_sha1_of_file(path: Path) -> tuple[str, float]:
+def _timed_sha1_of_file(path: Path) -> tuple[str, float, int]:
+    """The copy's SHA-1, when it was done, and the bytes the copy has allocated on disk (holes are not)."""
     digest = sha1_of_file(path)
-    return digest, time.monotonic()
+    try:
+        allocated = path.stat().st_blocks * 512
+    except OSError:
+        allocated = 0
+    return digest, time.monotonic(), allocated
 
 
 class ToolSession:
@@ -238,7 +245,7 @@ class ToolSession:
         self._processes: dict[str, subprocess.Popen] = {}
         self._logs: dict[str, Path] = {}
         self._hashers = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{tool}-sha1")
-        # Each future yields (sha1 hex, monotonic time the hash was finished).
+        # Each future yields (sha1 hex, monotonic time the hash was finished, bytes the copy allocated).
         self._hash_futures: dict[int, concurrent.futures.Future[tuple[str, float]]] = {}
         self._finished_at: dict[int, float] = {}
         self.started_at: float | None = None
@@ -391,14 +398,17 @@ class ToolSession:
         tx_bytes, tx_packets = (now - before for now, before in zip(self.bed.sender.tx_counters(), self._tx_at_start, strict=True))
         oks = []
         hashed_at = []
+        allocated = []
         for index in range(len(self.bed.receivers)):
             future = self._hash_futures.get(index)
             if future is not None and future.done() and future.exception() is None:
-                digest, finished = future.result()
+                digest, finished, copy_allocated = future.result()
                 oks.append(digest == self.expected_sha1)
                 hashed_at.append(finished)
+                allocated.append(copy_allocated)
             else:
                 oks.append(False)
+                allocated.append(0)
         seconds = finished = None
         if all(oks) and self.started_at is not None:
             seconds = max(hashed_at) - self.started_at
@@ -420,6 +430,7 @@ class ToolSession:
             per_receiver_sha1_ok=oks,
             sender_wire_bytes=tx_bytes,
             sender_packets=tx_packets,
+            allocated_bytes=allocated,
             cpu_seconds=round(self.cpu_seconds, 3),
             notes="; ".join(self.notes) or "-",
             seconds_until_last_finished=finished,
