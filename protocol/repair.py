@@ -287,7 +287,7 @@ class RepairPlanner:
         """Whether `head` was the last frame of a loop rather than a point the carousel stepped back from.
 
         Near the image's end (the last 1%, at least the reorder margin) it is a loop end: a burst lost across
-        the end of a loop must not look like a restart (the scale model caught that costing a whole loop).
+        the end of a loop must not hide the wrap (the scale model caught a missed wrap costing a whole loop).
         Elsewhere, it is a loop end only when all after it is held but a few frames: the image ends in zero
         blocks (held from the start).
         """
