@@ -246,7 +246,7 @@ class ToolSession:
         self._logs: dict[str, Path] = {}
         self._hashers = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{tool}-sha1")
         # Each future yields (sha1 hex, monotonic time the hash was finished, bytes the copy allocated).
-        self._hash_futures: dict[int, concurrent.futures.Future[tuple[str, float]]] = {}
+        self._hash_futures: dict[int, concurrent.futures.Future[tuple[str, float, int]]] = {}
         self._finished_at: dict[int, float] = {}
         self.started_at: float | None = None
         self._tx_at_start = (0, 0)  # (bytes, packets)

@@ -59,6 +59,9 @@ from typing import Any
 from vmcast.server.rates import parse_rate
 
 from benchmarks.peers import (  # the peers' session: identical clock and accounting
+    ETHERNET_HEADER_BYTES,
+    IPV4_HEADER_BYTES,
+    UDP_HEADER_BYTES,
     DataFrame,
     PeerResult,
     ToolSession,
@@ -88,9 +91,6 @@ MULTICAST_PORT = 8471
 # delivered 92-97% of its --rate on the shared cores before its bucket made up late wake-ups (now 100%).
 VMCAST_RATE_FRACTION = 1.0
 FRAME_HEADER_BYTES = 16  # vmcast.protocol.HEADER_SIZE (cookie + offset)
-IPV4_HEADER_BYTES = 20
-UDP_HEADER_BYTES = 8
-ETHERNET_HEADER_BYTES = 14
 PREWARM_TIMEOUT_SECONDS = 600.0  # hashing a large image on a busy 2-core machine
 STATS_TIMEOUT_SECONDS = 15.0
 RECEIVER_DATAGRAM_TIMEOUT_SECONDS = 30.0  # vmcast receive --timeout: no datagram at all for this long

@@ -193,8 +193,8 @@ class RepairPlanner:
     With ``fec=True`` (the stream's metadata says ``"fec": "raptorq"``: `Assembly.fec`) it asks for parity
     instead, per block: ``count`` = the block's frames it would ask for (the rules above) less the parity
     held for the block (`parity_held`, the assembly's array) that is not already answering an earlier
-    request of this block, plus `PARITY_MARGIN`; those frames then count as asked for, so they are not counted again before
-    `REREQUEST_AFTER`. A request still in flight is thus not asked twice, and parity that came beyond what
+    request of this block, plus `PARITY_MARGIN`; those frames then count as asked for, so they are not
+    counted again before `REREQUEST_AFTER`. A request still in flight is thus not asked twice, and parity that came beyond what
     was asked (the sender sends the most any receiver needs) stands in for frames lost since. With
     `parity_seen` (the assembly's array: per block, one past the highest ESI that arrived) each entry also
     says what this receiver has seen, ``(block, count, seen)``, for the sender's merging (`RepairQueue`).
@@ -414,8 +414,9 @@ class RepairQueue:
     count any receiver asked for (``need[b] = max(need[b], count)``, not a sum: each symbol serves every
     receiver), capped at the block's frames. A request whose receiver has not seen the block's latest symbols
     (``seen`` below the next ESI) coming within `PARITY_IN_FLIGHT` of their sending (`pop_parity`'s `now`)
-    crossed them: they count toward its count (``need = max(need, max(seen, K) + count - next ESI)``). `pop_parity` hands them out one block after another (a burst of
-    loss then hits many blocks once rather than one block many times), each with the block's next fresh ESI,
+    crossed them: they count toward its count (``need = max(need, max(seen, K) + count - next ESI)``).
+    `pop_parity` hands them out one block after another (a burst of loss then hits many blocks once rather
+    than one block many times), each with the block's next fresh ESI,
     starting at K and never reused, so every parity frame is new to every receiver. When the carousel starts
     sending a block again, that block's need is dropped: the carousel brings its frames anyway. Without
     ``fec``, parity entries in requests are ignored (counted in `parity_ignored`).

@@ -56,7 +56,6 @@ FRAMES_AFTER_OVERFLOW = 2.0
 SUSTAINED_OVERFLOW = 3
 
 
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RepairAddress:
     """Where a server takes repair requests: the host of its HTTP API, on the UDP port its lease names."""
