@@ -1,9 +1,9 @@
 """How a source's SDK calls and body reads come out as `SourceError`s, whatever the SDK raised.
 
 Glance (openstacksdk/keystoneauth) and S3 (botocore) differ in *which* `SourceError` an exception becomes:
-each remote has its own ``_translate(operation, error)``. What they share is the policy of `errors`, applied
-here once: a `SourceError` raised on the way passes as it is; every other exception is translated and never
-chained (``raise ... from None``: the SDK's exception may hold request headers or bodies).
+each remote has its own ``_translate(operation, error)``. What they share is the policy of
+`vmcast.sdk.translation`, applied here with `SourceError` as the error that passes as it is; every other
+exception is translated, unchained: in calls, and (`translated_chunks`) in the reads of a response body.
 """
 
 from __future__ import annotations
@@ -11,7 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
+from vmcast.sdk import translation as sdk_translation
+from vmcast.sdk.translation import error_text
+
 from .errors import SourceError
+
+__all__ = ["Translate", "error_text", "translated_call", "translated_chunks"]
 
 Translate = Callable[[str, Exception], SourceError]
 """``translate(operation, error)``: the `SourceError` that says `operation` failed with `error`."""
@@ -21,12 +26,7 @@ _T = TypeVar("_T")
 
 def translated_call(operation: str, request: Callable[[], _T], translate: Translate) -> _T:
     """Run one SDK request; its exceptions come out as `translate`'s `SourceError`s."""
-    try:
-        return request()
-    except SourceError:
-        raise
-    except Exception as error:  # noqa: BLE001 - every SDK failure is translated, none passes raw
-        raise translate(operation, error) from None
+    return sdk_translation.translated_call(operation, request, translate, passes=SourceError)
 
 
 def translated_chunks(stream: Iterator[bytes], operation: str, translate: Translate) -> Iterator[bytes]:
@@ -43,9 +43,3 @@ def translated_chunks(stream: Iterator[bytes], operation: str, translate: Transl
         except Exception as error:  # noqa: BLE001 - the SDK's errors mid-body, translated
             raise translate(operation, error) from None
         yield chunk
-
-
-def error_text(error: BaseException) -> str:
-    """``Type: message`` of an SDK exception (just ``Type`` when it has no message), not yet redacted."""
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
