@@ -495,7 +495,7 @@ def _detail_line(record: dict[str, Any]) -> str:
             parts.append(f"operator's start to all {record['receivers']} joined {vmcast.get('all_joined_seconds')} s")
         stream = vmcast.get("stream") or {}
         if stream:
-            parts.append(f"loops {stream.get('loops_completed')} repairs asked {stream.get('repair_requests')} "
+            parts.append(f"loops {stream.get('loops_completed')} rests {stream.get('rests')} repairs asked {stream.get('repair_requests')} "
                          f"sent {stream.get('repair_frames_sent')} dropped {stream.get('repair_drops')} parity sent "
                          f"{stream.get('parity_frames_sent')}; sender's pacing lost {stream.get('pacing_missed_seconds')} s")  # fmt: skip
         steps = [receiver.get("carousel_steps_back") for receiver in vmcast.get("receivers") or []]

@@ -10,6 +10,16 @@ carousel keeps them as ordered runs and a cursor on the next run, so moving on c
 Repairs go out ahead of the carousel, at most `MAX_REPAIRS_IN_A_ROW` before each carousel frame: requested
 frames (`SendData` with ``repair=True``) and, when the manifest has ``fec``, parity symbols (`SendParity`),
 the two taking turns when both are pending.
+
+Resting (docs/PROTOCOL.md section 7): when the caller knows every receiver and when the last of them began
+listening (`listening_since`), a loop that started after that was heard whole by all of them. After such a
+loop the carousel *rests*: it sends no more carousel frames, only the requested repairs (then at the full
+rate, none of it going to carousel frames), the metadata every `metadata_interval`, and a small rest frame
+(``"rest": true``) every `REST_SIGNAL_INTERVAL`, which tells receivers that everything has passed, so that
+they ask now for what they lack instead of waiting for a loop that is not coming. A new receiver (the caller
+sets `listening_since` to None, or to a time after that loop's start) ends the rest: the next loop starts
+at once. Without a rest a stream whose receivers are all done but the last few would send part of a loop
+more, for no one: the time between the loop's end and the last release (~0.15 s on the test bed).
 """
 
 from __future__ import annotations
@@ -27,6 +37,10 @@ MAX_REPAIRS_IN_A_ROW = 1
 # How often metadata is repeated within a loop. A receiver drops data until it has metadata, so this bounds
 # what a late joiner throws away (at 1 Gbit/s, one second is 119 MB it will take on the next loop instead).
 METADATA_INTERVAL = 1.0
+
+# While the carousel rests it says so this often (a frame of ~250 bytes): a receiver whose rest frame was lost
+# asks for its last frames this much later, not a second later.
+REST_SIGNAL_INTERVAL = 0.1
 
 
 # Not frozen, unlike the other actions: one is made per datagram sent, and a frozen dataclass's __init__ costs
@@ -64,7 +78,8 @@ class SendParity:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Idle:
-    """Nothing to send before `until` (an empty image has only metadata to repeat)."""
+    """Nothing to send before `until` (an empty image has only metadata to repeat; a resting carousel waits),
+    unless the caller hands over a repair request or a new `Carousel.listening_since` first."""
 
     until: float
 
@@ -115,6 +130,17 @@ class Carousel:
         self.parity_frames_sent = 0
         self._repairs_in_a_row = 0
         self._parity_turn = False
+        self.listening_since: float | None = None
+        """When the last of the stream's receivers began listening (`next_send`'s clock), set by a caller that
+        knows every receiver; None when it does not (a receiver yet to join, or no way to know): then the
+        carousel never rests."""
+        self.resting = False
+        """True while the carousel rests (see the module docstring)."""
+        self.rests = 0
+        """Times the carousel came to rest."""
+        self.rest_datagrams = (encode_metadata(cookie, manifest.rest_metadata()),)
+        self._loop_started_at = 0.0  # set when a loop starts (its metadata is sent)
+        self._rest_signal_due_at = 0.0
 
     def request_repair(self, request: RepairRequest, now: float | None = None) -> None:
         """Merge a receiver's request, which came at `now` (`next_send`'s clock), into the work list;
@@ -123,7 +149,15 @@ class Carousel:
         self.repairs.add(request, now)
 
     def next_send(self, now: float) -> SendData | SendParity | SendMetadata | Idle:
+        if self.resting:
+            listening_since = self.listening_since
+            if listening_since is not None and listening_since <= self._loop_started_at:
+                return self._rest(now)
+            self.resting = False  # a receiver came: the next loop starts now, with metadata
+            self._metadata_due_at = None
         if self._metadata_due_at is None or now >= self._metadata_due_at:
+            if self._metadata_due_at is None:
+                self._loop_started_at = now
             self._metadata_due_at = now + self.metadata_interval
             if self.frames_per_loop == 0:
                 # An empty (or all-zero) image is all metadata: each metadata round is a whole loop.
@@ -132,26 +166,15 @@ class Carousel:
         if self.frames_per_loop == 0:
             # Nothing to send between rounds (sending metadata back to back would flood the group).
             return Idle(until=self._metadata_due_at)
-        if self._repairs_in_a_row < MAX_REPAIRS_IN_A_ROW:
-            repairs = self.repairs
-            if repairs._parity_pending and (self._parity_turn or not repairs._pending_count):
-                self._parity_turn = False
-                block, esi = repairs.pop_parity(now)
-                self._repairs_in_a_row += 1
-                self.parity_frames_sent += 1
-                return SendParity(header=encode_parity_header(self.cookie, block=block, esi=esi), block=block, esi=esi)
-            self._parity_turn = True
-            repair = repairs.pop()
+        repairs = self.repairs
+        if self._repairs_in_a_row < MAX_REPAIRS_IN_A_ROW and (repairs._pending_count or repairs._parity_pending):
+            repair = self._next_repair(now)
             if repair is not None:
                 self._repairs_in_a_row += 1
-                self.repair_frames_sent += 1
-                offset = repair * self.layout.frame_size
-                length = min(self.layout.frame_size, self.layout.length - offset)
-                return SendData(header=encode_header(self.cookie, offset), offset=offset, length=length, repair=True)
+                return repair
         self._repairs_in_a_row = 0
         # The per-datagram path (a few hundred thousand calls a second): locals, no validation, no scans.
         frame = self._next_frame
-        repairs = self.repairs
         if repairs._pending_count:
             repairs.sent_by_carousel(frame)
         if repairs._parity_pending and (frame % self._per_block == 0 or frame == self._enters_block_at):
@@ -169,8 +192,43 @@ class Carousel:
             following = self._loop_start()
             self.loops_completed += 1
             self._metadata_due_at = None  # every loop starts with metadata
+            listening_since = self.listening_since
+            if listening_since is not None and listening_since <= self._loop_started_at:
+                self.resting = True  # every receiver heard this loop whole
+                self.rests += 1
+                self._rest_signal_due_at = now
         self._next_frame = following
         return SendData(header=self._pack(self.cookie, offset), offset=offset, length=length)
+
+    def _next_repair(self, now: float) -> SendData | SendParity | None:
+        """The next repair frame, if any is pending: parity and requested frames take turns."""
+        repairs = self.repairs
+        if repairs._parity_pending and (self._parity_turn or not repairs._pending_count):
+            self._parity_turn = False
+            block, esi = repairs.pop_parity(now)
+            self.parity_frames_sent += 1
+            return SendParity(header=encode_parity_header(self.cookie, block=block, esi=esi), block=block, esi=esi)
+        self._parity_turn = True
+        repair = repairs.pop()
+        if repair is None:
+            return None
+        self.repair_frames_sent += 1
+        offset = repair * self.layout.frame_size
+        length = min(self.layout.frame_size, self.layout.length - offset)
+        return SendData(header=encode_header(self.cookie, offset), offset=offset, length=length, repair=True)
+
+    def _rest(self, now: float) -> SendMetadata | SendData | SendParity | Idle:
+        """What a resting carousel sends: the rest frame when due, metadata when due, else any repair."""
+        if now >= self._rest_signal_due_at:
+            self._rest_signal_due_at = now + REST_SIGNAL_INTERVAL
+            return SendMetadata(datagrams=self.rest_datagrams)
+        if self._metadata_due_at is None or now >= self._metadata_due_at:
+            self._metadata_due_at = now + self.metadata_interval  # a receiver without a lease may come
+            return SendMetadata(datagrams=self.metadata_datagrams)
+        repair = self._next_repair(now)
+        if repair is not None:
+            return repair
+        return Idle(until=min(self._rest_signal_due_at, self._metadata_due_at))
 
     def _loop_start(self) -> int:
         """The first frame a loop sends (frame 0 unless it is unsent), with the run cursor at the image's start."""

@@ -132,6 +132,10 @@ class StreamMetadata:
     fec: str | None = None
     """The parity scheme the sender sends (``"raptorq"``: `vmcast.protocol.fec`), or None. Another value is a
     scheme this receiver does not know: it takes no parity then (docs/PROTOCOL.md section 8)."""
+    rest: bool = False
+    """The carousel rests: it finished a loop that every receiver heard whole and sends no more of the image
+    until a receiver comes; everything it sent has passed, so what a receiver lacks it asks for now
+    (``"rest": true``, docs/PROTOCOL.md section 7)."""
 
     def identity_fields(self) -> dict[str, object]:
         """The fields that must never change within a stream (each compared on its own)."""
@@ -181,6 +185,9 @@ def parse_metadata(fields: dict[str, object]) -> StreamMetadata | Dropped:
             return bad(f"'fec' must be a string, got {fec!r}")
         if block_size is None:
             return bad("'fec' needs 'block' (parity is per checksum block)")
+    rest = fields.get("rest", False)
+    if not isinstance(rest, bool):
+        return bad(f"'rest' must be true or false, got {rest!r}")
     zero_runs: tuple[tuple[int, int], ...] = ()
     if "zero" in fields:
         if not sums:
@@ -211,6 +218,7 @@ def parse_metadata(fields: dict[str, object]) -> StreamMetadata | Dropped:
         zero_runs=zero_runs,
         zero_frame_runs=zero_frame_runs,
         fec=fec,
+        rest=rest,
     )
 
 
@@ -355,18 +363,7 @@ class Manifest:
         Every object carries the identity; the checksums are shared out in order. An empty image or one
         short enough needs a single object.
         """
-        base: dict[str, object] = {
-            "v": PROTOCOL_VERSION,
-            "sha1": self.sha1,
-            "len": self.layout.length,
-            "frame": self.layout.frame_size,
-            "block": self.layout.block_size,
-            # Informational, and a URL can be long: it must not crowd out the checksums.
-            "name": self.name[:MAX_NAME_IN_METADATA],
-            "format": self.format,
-        }
-        if self.fec:
-            base["fec"] = FEC_SCHEME
+        base = self._identity()
         zero = self.zero_block_flags()
         frame_runs = self._zero_frame_runs_by_block()
         # Most checksums a frame carries (as before zero frames): a frame of a few blocks is re-sent often.
@@ -397,6 +394,26 @@ class Manifest:
             objects.append(fields)
             first += count
         return objects or [base]
+
+    def rest_metadata(self) -> dict[str, object]:
+        """The metadata object a resting carousel sends (docs/PROTOCOL.md section 7): the identity, no checksums."""
+        return dict(self._identity(), rest=True)
+
+    def _identity(self) -> dict[str, object]:
+        """The fields every metadata object carries."""
+        identity: dict[str, object] = {
+            "v": PROTOCOL_VERSION,
+            "sha1": self.sha1,
+            "len": self.layout.length,
+            "frame": self.layout.frame_size,
+            "block": self.layout.block_size,
+            # Informational, and a URL can be long: it must not crowd out the checksums.
+            "name": self.name[:MAX_NAME_IN_METADATA],
+            "format": self.format,
+        }
+        if self.fec:
+            identity["fec"] = FEC_SCHEME
+        return identity
 
     def _zero_frame_runs_by_block(self) -> dict[int, list[tuple[int, int]]]:
         per_block = self.layout.frames_per_block

@@ -225,6 +225,7 @@ class RepairPlanner:
         self._join: int | None = None
         self._head = 0
         self._behind = False  # the latest frames observed were behind `_head` (a step back not yet made up)
+        self._resting = False  # the carousel said it rests, and has not moved since
         self._passed_everything = False
         self._wrapped = False
         self._next_request_at: float | None = None
@@ -251,8 +252,17 @@ class RepairPlanner:
         """Whether the carousel went a whole loop since this receiver joined (every frame has been sent once)."""
         return self._passed_everything
 
+    def observe_rest(self) -> None:
+        """The carousel rests (a metadata frame from its port said ``"rest": true``, docs/PROTOCOL.md 7): it
+        has passed everything, and no frame of it is still on its way (the rest frame left after the last),
+        so every frame this receiver lacks is asked for, those just behind the position too."""
+        self._passed_everything = self._resting = True
+        if self._join is None:  # joined while it rested (a receiver without a lease): nothing is coming either
+            self._join = self._head = 0
+
     def observe_carousel(self, frame: int) -> None:
         """The carousel sent `frame` (a data frame from the carousel's source port)."""
+        self._resting = False
         if self._join is None:
             self._join = self._head = frame
             return
@@ -391,7 +401,7 @@ class RepairPlanner:
                 if head >= 0:
                     passed[: head + 1] = 1
             wanted &= passed
-        else:
+        elif not self._resting:
             # Everything was passed, but frames just behind the position may still be on their way.
             low = max(self._head - REORDER_MARGIN + 1, 0)
             wanted[low : self._head + 1] = 0

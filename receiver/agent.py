@@ -240,6 +240,9 @@ class ReceiveResult:
     carousel_steps_back: int = 0
     """Times the carousel's position went back from the middle of the image (a sender restart, or datagrams
     reordered on the way)."""
+    carousel_rest_frames: int = 0
+    """Rest frames heard: the carousel had finished a loop every receiver heard whole, and waited (no more
+    data but the repairs asked for; docs/PROTOCOL.md section 7)."""
     repair_parity_requested: int = 0
     """Parity symbols those requests asked for (FEC)."""
     parity_frames: int = 0
@@ -307,6 +310,7 @@ class ReceiveResult:
             "repair_frames_requested": self.repair_frames_requested,
             "repair_send_errors": self.repair_send_errors,
             "carousel_steps_back": self.carousel_steps_back,
+            "carousel_rest_frames": self.carousel_rest_frames,
             "repair_parity_requested": self.repair_parity_requested,
             "parity_frames": self.parity_frames,
             "recovered_blocks": self.recovered_blocks,
@@ -455,7 +459,7 @@ async def _start(run: _Run, nursery: trio.Nursery, resources: AsyncExitStack, ou
     run.pump = pump
     lease = source.lease
     fallback = lease is not None and request.fallback_after is not None
-    if lease is not None and lease.waiting_for:
+    if lease is not None:
         nursery.start_soon(_say_joined, LeaseClient(server=request.source.server, client=source.client), lease)
     nursery.start_soon(_stop_pump_when_cancelled, pump)
     nursery.start_soon(_watchdog, pump, outcome, request.timeout, group_socket, fallback)
@@ -659,6 +663,7 @@ async def _run_pump(run: _Run, group_socket: GroupSocket, outcome: _Outcome, can
                 repair_frames_requested=repairs.frames_requested if repairs is not None else 0,
                 repair_send_errors=repairs.send_errors if repairs is not None else 0,
                 carousel_steps_back=repairs.planner.steps_back if repairs is not None and repairs.planner is not None else 0,
+                carousel_rest_frames=result.rest_frames,
                 repair_parity_requested=repairs.parity_requested if repairs is not None else 0,
                 parity_frames=result.parity_frames,
                 recovered_blocks=result.recovered_blocks,
@@ -747,6 +752,7 @@ async def _hold_lease(leases: LeaseClient, source: FromServer, need: _StreamNeed
                         continue
                     if lease is None:
                         return
+                await _say_joined(leases, lease)  # still listening: the socket stayed joined
             with trio.move_on_after(lease.lease_ttl / RENEWALS_PER_TTL if lease.lease_ttl else math.inf):
                 await need.changed()
                 continue
@@ -765,6 +771,7 @@ async def _hold_lease(leases: LeaseClient, source: FromServer, need: _StreamNeed
             if again is None:
                 return
             lease = again
+            await _say_joined(leases, lease)
     finally:
         if lease is not None:
             await _release(leases, lease)
@@ -795,14 +802,16 @@ async def _release(leases: LeaseClient, lease: Lease) -> None:
 
 
 async def _say_joined(leases: LeaseClient, lease: Lease) -> None:
-    """Tell a stream that holds for receivers that this one listens now (the group is joined). If the server
-    cannot be told, the stream starts at its hold's end all the same: a warning, not a failure."""
+    """Tell the stream that this receiver listens now (the group is joined): a stream that holds for receivers
+    counts it, and a carousel rests only once every lease holder has said it. If the server cannot be told,
+    a holding stream starts at its hold's end and the carousel loops on: a warning, not a failure."""
     try:
         waiting_for = await leases.joined(lease.lease_id)
     except ReceiveError as error:
-        log.warning("could not tell the server this receiver joined (the stream starts at its hold's end anyway): %s", error)
+        log.warning("could not tell the server this receiver joined (a holding stream starts at its hold's end anyway): %s", error)
         return
-    log.info("joined a stream that holds for receivers: %s", f"{waiting_for} more to come" if waiting_for else "it starts now")
+    if lease.waiting_for:
+        log.info("joined a stream that holds for receivers: %s", f"{waiting_for} more to come" if waiting_for else "it starts now")
 
 
 async def _watch_signals(outcome: _Outcome, cancel_scope: trio.CancelScope, *, task_status: trio.TaskStatus[None]) -> None:

@@ -197,6 +197,8 @@ class PumpResult:
     """Frames of the other blocks the stream announced as all zeros (never sent), zeroed on the target."""
     parity_frames: int = 0
     """Parity frames kept by the assembly (FEC; those it had no use for are in `Assembly.parity_unused`)."""
+    rest_frames: int = 0
+    """Metadata frames that said the carousel rests (docs/PROTOCOL.md section 7)."""
     recovered_blocks: int = 0
     """Blocks completed by decoding parity (then judged by xxh3 like any block)."""
     recovered_frames: int = 0
@@ -271,6 +273,8 @@ class Pump:
         self.truncated = 0
         """Receives whose buffer or control message did not fit (never seen; what did not fit is dropped)."""
         self.metadata_frames = 0
+        self.rest_frames = 0
+        """Metadata frames that said the carousel rests (docs/PROTOCOL.md section 7)."""
         self.multicast_bytes = 0
         """Image bytes written from multicast (counted when flushed)."""
         self.fetched_blocks = 0
@@ -367,6 +371,7 @@ class Pump:
                 zero_blocks=self.zero_blocks,
                 zero_frames=self.zero_frames,
                 parity_frames=self.parity_frames,
+                rest_frames=self.rest_frames,
                 recovered_blocks=self.recovered_blocks,
                 recovered_frames=self.recovered_frames,
                 recovery_failures=self.recovery_failures,
@@ -524,6 +529,9 @@ class Pump:
                                     log.info("carousel frames now come from port %d, not %d (the sender restarted?)", port, carousel_port)
                                 carousel_port, observe = port, repairs.planner.observe_carousel
                                 frame_size = assembly.layout.frame_size
+                                if event.metadata.rest:
+                                    repairs.planner.observe_rest()
+                                    self.rest_frames += 1
                         if event.zero_blocks:
                             flush()  # staged bytes of those blocks must not land on the zeros afterwards
                             self._zero_blocks(event.zero_blocks)

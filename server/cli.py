@@ -491,7 +491,7 @@ def stream_list(server: ServerOption = DEFAULT_SERVER, json_output: JsonOption =
             str(stream.loops_completed),
             _bytes(stream.bytes_sent),
             format_rate(stream.measured_bps, zero="0"),
-            f"holding ({stream.waiting_for} to come)" if stream.waiting_for else stream.state,
+            f"holding ({stream.waiting_for} to come)" if stream.waiting_for else "resting" if stream.resting else stream.state,
         )
     _out().print(table)
 

@@ -48,6 +48,12 @@ class TokenBucket:
         """Bytes of rate the caller did not use: what came while the bucket was full (a wake-up later than
         the catch-up covers, or nothing to send). `missed` / `rate` is sending time lost at the rate."""
 
+    def idled(self, now: float) -> None:
+        """The caller had nothing to send until `now` (a resting carousel): that time is not missed, and the
+        bucket is full but keeps no catch-up from it."""
+        self.tokens = min(self.tokens + (now - self.updated) * self.rate, self.capacity - self.catch_up)
+        self.updated = now
+
     def take(self, cost: int, now: float) -> float:
         """Take `cost` bytes and return 0.0 if the bucket holds them; else take nothing and return how long
         to wait before asking again."""

@@ -14,7 +14,9 @@ Rules::
     reap()                  every lease not renewed within the TTL ends as if released
     joined(lease)           active lease      -> counted among the stream's receivers in the group; a stream
                                                  started with min_receivers N holds (metadata only) until
-                                                 N active leases have said so, or max_wait has passed
+                                                 N active leases have said so, or max_wait has passed;
+                                                 once every active lease has, the carousel rests after
+                                                 the first loop they all heard whole (until a new lease)
 
 * A stream is identified by (image name, format, SHA-1): if the image file is replaced while a stream of it
   runs, the next start gets a new stream of the new content and the old one runs on for its leases.
@@ -157,11 +159,18 @@ class _Stream:
         self.group, self.port, self.cookie, self.sender = group, port, cookie, sender
         self.references = 0
         self.min_receivers = 0  # 0: the stream never held
-        self.joined: set[str] = set()
-        """Active leases whose holders said they joined the group (counted while the sender holds)."""
+        self.joined: dict[str, float] = {}
+        """Active leases whose holders said they joined the group, and when (`time.monotonic()`, the sender's
+        clock): counted while the sender holds, and the carousel rests once all have heard a whole loop."""
         self.created_at = time.time()
         # Bytes a loop never sends (zero blocks and zero frames): once, a status is asked at every metrics scrape.
         self.zero_bytes = image.manifest.unsent_bytes()
+
+    def tell_listening(self) -> None:
+        """Tell the sender when the last of its receivers began listening: None while any active lease has
+        not said it joined (the carousel must not rest then: that receiver may need the next loop)."""
+        joined = self.joined
+        self.sender.listening_since(max(joined.values()) if self.references and len(joined) == self.references else None)
 
     def stored(self) -> StoredStream:
         return StoredStream(
@@ -261,6 +270,7 @@ class Registry:
                 )  # fmt: skip
             self._activate(lease)
             stream.references += 1
+            stream.tell_listening()
             log.info(
                 "lease %s on stream %s (%s as %s): %d references",
                 lease.lease_id, stream.stream_id, image.name, image.format, stream.references,
@@ -297,7 +307,8 @@ class Registry:
         """
         with self._lock:
             stream = self._running[self._active_lease(lease_id).stream_id]
-            stream.joined.add(lease_id)
+            stream.joined.setdefault(lease_id, time.monotonic())
+            stream.tell_listening()
             if stream.sender.holding and len(stream.joined) >= stream.min_receivers:
                 stream.sender.open_gate()
                 log.info("stream %s: %d receivers joined; starting", stream.stream_id, len(stream.joined))
@@ -482,6 +493,9 @@ class Registry:
                 lease = self._grant(stored.stream_id, created_at=stored_lease.created_at, lease_id=stored_lease.lease_id)
                 self._activate(lease)
                 stream.references += 1
+                # Their receivers were listening before the restart and still are (their sockets stayed).
+                stream.joined[lease.lease_id] = time.monotonic()
+            stream.tell_listening()
             sender.start()
         log.info(
             "stream %s resumed after the restart: %s as %s to %s:%d, cookie %s, %d lease(s) with a fresh %g s TTL",
@@ -525,10 +539,12 @@ class Registry:
                 self._ended.popitem(last=False)
             stream = self._running[lease.stream_id]
             stream.references -= 1
-            stream.joined.discard(lease.lease_id)
+            stream.joined.pop(lease.lease_id, None)
             if stream.references == 0:
                 self._retire(stream)
                 retired.append(stream.stream_id)
+            else:
+                stream.tell_listening()
             streams.append(stream)
         if self._store is not None:
             try:

@@ -128,6 +128,9 @@ SPECULATE_FOR = 1.0
 # each new request), plus `parity.SYMBOLS_AHEAD`.
 TYPICAL_COUNT_WEIGHT = 0.1
 
+# A resting sender with parity actions kept for symbols not made yet looks for them this often.
+PARITY_POLL = 0.002
+
 # Repair requests waiting for the sender thread. It drains them before every datagram, so the backlog only
 # grows while the thread is stalled; past this many, requests are dropped (and counted): their receivers ask
 # again after a second (REREQUEST_AFTER), and the carousel brings every frame anyway.
@@ -205,6 +208,11 @@ class SenderStats:
     """Source port of the carousel's datagrams (repair frames come from another; docs/PROTOCOL.md section 7)."""
     holding: bool = False
     """The sender holds for receivers: only metadata is sent until enough have joined (`Sender.start`)."""
+    resting: bool = False
+    """The carousel rests: every receiver heard a whole loop; only the repairs asked for are sent, until a new
+    receiver comes (docs/PROTOCOL.md section 7)."""
+    rests: int = 0
+    """Times the carousel came to rest."""
 
 
 def multicast_interface_option(interface: str) -> bytes:
@@ -347,6 +355,8 @@ class Sender:
         if config.gso and not self.gso:
             log.info("stream to %s:%s: this kernel has no UDP GSO; one datagram per send", group, port)
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        """Set when a resting (or idle) thread has work: a repair request, a new receiver, a stop."""
         self._gate = threading.Event()
         """Set: the carousel runs. Cleared by `start(hold=...)` until `open_gate` or the hold's deadline."""
         self._gate.set()
@@ -407,6 +417,7 @@ class Sender:
             if self.state is SenderState.RUNNING:
                 self.state = SenderState.STOPPING
             self._stop.set()
+            self._wake.set()
             self._gate.set()  # a holding thread wakes at once
             if self._thread.ident is None:  # never started
                 self._close()
@@ -436,7 +447,15 @@ class Sender:
             self.repair_drops += 1
             return False
         self._repair_inbox.append(request)
+        self._wake.set()
         return True
+
+    def listening_since(self, since: float | None) -> None:
+        """When the last of the stream's receivers began listening (`time.monotonic()`), or None when one has
+        not yet (or the caller cannot know): after a loop that started later the carousel rests, and a
+        receiver that comes (None, or a later time) ends the rest (`Carousel.listening_since`). Any thread."""
+        self._carousel.listening_since = since
+        self._wake.set()
 
     def stats(self) -> SenderStats:
         repairs = self._carousel.repairs
@@ -461,6 +480,8 @@ class Sender:
             gso=self.gso,
             carousel_port=self.carousel_port,
             holding=self.holding,
+            resting=self._carousel.resting,
+            rests=self._carousel.rests,
         )
 
     def _measured_bps(self) -> float:
@@ -543,9 +564,16 @@ class Sender:
                     elif self._speculating(clock()):
                         self._carousel_at(offset)
             elif kind is Idle:
-                # An empty image: metadata once per interval, nothing in between.
-                if stop.wait(max(0.0, action.until - clock())):
+                # An empty image between metadata rounds, or a resting carousel: nothing until `until`, unless
+                # work comes first (`_wake`: a repair request, a new receiver, a stop). Kept parity is looked
+                # for every `PARITY_POLL`: its worker does not wake this thread.
+                timeout = max(0.0, action.until - clock())
+                self._wake.wait(min(timeout, PARITY_POLL) if deferred else timeout)
+                self._wake.clear()
+                if stop.is_set():
                     return
+                if bucket is not None:
+                    bucket.idled(clock())
             else:
                 for datagram in action.datagrams:
                     if not self._send((datagram,), len(datagram), bucket, carousel_socket):

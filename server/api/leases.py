@@ -53,10 +53,14 @@ def renew_lease(lease_id: str, registry: RegistryDep) -> LeaseInfo:
     responses={404: {"model": ErrorBody, "description": "The lease expired, was released, or is unknown."}},
 )
 def lease_joined(lease_id: str, registry: RegistryDep) -> LeaseJoined:
-    """A receiver says this once it listens to the group, when its start answer showed `waiting_for` > 0. A
-    stream started with `min_receivers` = N sends only metadata until N of its active leases have said it
-    (or its `max_wait` has passed), then starts its first loop at the image's first frame, so that receivers
-    started together need one loop between them rather than one each plus the gaps between their starts."""
+    """A receiver says this once it listens to the group. A stream started with `min_receivers` = N (its
+    start answer shows `waiting_for` > 0) sends only metadata until N of its active leases have said it (or
+    its `max_wait` has passed), then starts its first loop at the image's first frame, so that receivers
+    started together need one loop between them rather than one each plus the gaps between their starts.
+    Once every active lease of a stream has said it, the carousel rests after the first loop that started
+    later (every receiver heard it whole): it sends only the repairs asked for until a new lease comes, not
+    another loop for receivers that are finishing (docs/PROTOCOL.md section 7). A lease that never says it
+    keeps the carousel looping."""
     stream = registry.joined(lease_id)
     return LeaseJoined(stream_id=stream.stream_id, waiting_for=stream.waiting_for)
 

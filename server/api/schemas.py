@@ -172,6 +172,10 @@ class Stream(_Model):
     references: int = Field(description="Leases holding the stream; it stops when the last is released.")
     waiting_for: int = Field(0, description="Receivers the stream still holds for before its first loop (0: it streams).")
     loops_completed: int = Field(description="Times the whole image was sent.")
+    resting: bool = Field(
+        False, description="The carousel rests: every lease holder heard a whole loop; it sends only the repairs asked for until a new lease comes."
+    )
+    rests: int = Field(0, description="Times the carousel came to rest.")
     bytes_sent: int = Field(description="UDP payload bytes sent (vmcast frame headers included, IP/UDP headers not).")
     datagrams_sent: int = Field(description="Datagrams sent, data and metadata.")
     rate_bps: int = Field(description="Configured send rate in bits/s, IP and UDP headers included; 0 = unpaced.")
@@ -207,6 +211,8 @@ class Stream(_Model):
             references=stream.references,
             waiting_for=stream.waiting_for,
             loops_completed=sender.loops_completed,
+            resting=sender.resting,
+            rests=sender.rests,
             bytes_sent=sender.bytes_sent,
             datagrams_sent=sender.datagrams_sent,
             rate_bps=stream.rate_bps,

@@ -1,0 +1,99 @@
+"""The carousel rests once every lease holder has heard a whole loop (docs/PROTOCOL.md section 7): through the
+real API, with the sender heard on a real loopback group and repair requests sent to the real repair port."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Callable
+
+from vmcast.protocol import RepairRequest, encode_repair_request
+
+from .server_testing import Heard, Images, MulticastListener, TestClient, samples, start_stream
+
+FRAME = 1400
+# The test image (tests/server/conftest.py) is 2 MiB and a few frames: ~0.6 s a loop at the tests' 30 Mbit/s.
+LOOP_SECONDS = 0.6
+
+
+def joined(client: TestClient, lease_id: str) -> None:
+    response = client.post(f"/v1/leases/{lease_id}/joined")
+    assert response.status_code == 200, response.text
+
+
+def status(client: TestClient, stream_id: str) -> dict:
+    return client.get(f"/v1/streams/{stream_id}").json()
+
+
+def wait_for(condition: Callable[[], bool], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def is_rest_frame(item: Heard) -> bool:
+    return item.is_metadata and json.loads(item.payload).get("rest") is True
+
+
+def carousel_frames(heard: list[Heard], carousel_port: int) -> list[Heard]:
+    return [item for item in heard if not item.is_metadata and item.source_port == carousel_port]
+
+
+def test_once_every_lease_holder_joined_the_carousel_rests_after_a_whole_loop_until_a_new_lease(
+    client: TestClient, images: Images, listen: Callable[..., MulticastListener]
+) -> None:
+    first = start_stream(client, images.raw)
+    stream_id = first["stream_id"]
+    listener = listen(first["group"], first["port"], first["cookie"])
+    joined(client, first["lease_id"])
+    wait_for(lambda: status(client, stream_id)["resting"], 4 * LOOP_SECONDS)
+    resting = status(client, stream_id)
+    assert resting["rests"] == 1 and resting["loops_completed"] in (1, 2), "the loop under way at the join, then one whole"
+    labels = (("format", "raw"), ("group", first["group"]), ("image", images.raw), ("stream_id", stream_id))
+    assert samples(client.get("/metrics").text, "vmcast_stream_resting")[labels] == 1
+
+    quiet = listener.listen(0.6)
+    carousel_port = first["carousel_port"]
+    after_rest = quiet[next(i for i, item in enumerate(quiet) if is_rest_frame(item)) :] if any(map(is_rest_frame, quiet)) else quiet
+    assert sum(map(is_rest_frame, quiet)) >= 4, "a rest frame every tenth of a second"
+    assert not carousel_frames(after_rest, carousel_port), "no carousel frame while resting"
+    assert status(client, stream_id)["loops_completed"] == resting["loops_completed"]
+
+    second = start_stream(client, images.raw)  # a new receiver: the rest ends, a loop starts at the first frame
+    assert second["stream_id"] == stream_id
+    frames = carousel_frames(listener.listen(0.3), carousel_port)
+    assert frames and frames[0].offset == 0
+    assert not status(client, stream_id)["resting"]
+
+
+def test_a_lease_that_never_says_it_joined_keeps_the_carousel_looping_until_it_is_released(
+    client: TestClient, images: Images
+) -> None:
+    listening = start_stream(client, images.raw)
+    silent = start_stream(client, images.raw)  # an API client, or a receiver whose "joined" was lost
+    stream_id = listening["stream_id"]
+    joined(client, listening["lease_id"])
+    wait_for(lambda: status(client, stream_id)["loops_completed"] >= 3, 6 * LOOP_SECONDS)
+    assert status(client, stream_id)["rests"] == 0
+
+    client.delete(f"/v1/leases/{silent['lease_id']}")  # now every lease left has joined
+    wait_for(lambda: status(client, stream_id)["resting"], 4 * LOOP_SECONDS)
+
+
+def test_a_resting_carousel_still_serves_repairs(
+    client: TestClient, images: Images, listen: Callable[..., MulticastListener]
+) -> None:
+    started = start_stream(client, images.raw)
+    stream_id = started["stream_id"]
+    joined(client, started["lease_id"])
+    wait_for(lambda: status(client, stream_id)["resting"], 4 * LOOP_SECONDS)
+    listener = listen(started["group"], started["port"], started["cookie"])
+    request = encode_repair_request(bytes.fromhex(started["cookie"]), RepairRequest(ranges=((10, 3),)))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.sendto(request, ("127.0.0.1", started["repair_port"]))
+    heard = [item for item in listener.listen(0.3) if not item.is_metadata]
+    assert [item.offset for item in heard] == [10 * FRAME, 11 * FRAME, 12 * FRAME]
+    assert all(item.source_port != started["carousel_port"] for item in heard), "repairs come from the repair port"
+    assert status(client, stream_id)["resting"], "a repair does not end the rest"
