@@ -17,8 +17,8 @@ loop the carousel *rests*: it sends no more carousel frames, only the requested 
 rate, none of it going to carousel frames), the metadata every `metadata_interval`, and a small rest frame
 (``"rest": true``) every `REST_SIGNAL_INTERVAL`, which tells receivers that everything has passed, so that
 they ask now for what they lack instead of waiting for a loop that is not coming. A new receiver (the caller
-sets `listening_since` to None, or to a time after that loop's start) ends the rest: the next loop starts
-at once. Without a rest a stream whose receivers are all done but the last few would send part of a loop
+sets `listening_since` to None, or to a time after that loop's start) ends the rest, and so do repairs of
+`REST_REPAIR_SHARE` of a loop: the next loop starts at once. Without a rest a stream whose receivers are all done but the last few would send part of a loop
 more, for no one: the time between the loop's end and the last release (~0.15 s on the test bed).
 """
 
@@ -37,6 +37,12 @@ MAX_REPAIRS_IN_A_ROW = 1
 # How often metadata is repeated within a loop. A receiver drops data until it has metadata, so this bounds
 # what a late joiner throws away (at 1 Gbit/s, one second is 119 MB it will take on the next loop instead).
 METADATA_INTERVAL = 1.0
+
+# A rest ends (the next loop starts) once it has sent repairs of this share of a loop's frames: a receiver that
+# lacks that much is better served by a loop, which costs it nothing to take, than by repairs alone (parity
+# costs both sides CPU, and repairs back to back overflow a receiver that could not keep up with the loop:
+# unpaced on loopback, one that had lost half a loop kept losing the parity sent for it).
+REST_REPAIR_SHARE = 1 / 8
 
 # While the carousel rests it says so this often (a frame of ~250 bytes): a receiver whose rest frame was lost
 # asks for its last frames this much later, not a second later.
@@ -141,6 +147,7 @@ class Carousel:
         self.rest_datagrams = (encode_metadata(cookie, manifest.rest_metadata()),)
         self._loop_started_at = 0.0  # set when a loop starts (its metadata is sent)
         self._rest_signal_due_at = 0.0
+        self._rest_repairs_left = 0
 
     def request_repair(self, request: RepairRequest, now: float | None = None) -> None:
         """Merge a receiver's request, which came at `now` (`next_send`'s clock), into the work list;
@@ -197,6 +204,8 @@ class Carousel:
                 self.resting = True  # every receiver heard this loop whole
                 self.rests += 1
                 self._rest_signal_due_at = now
+                # (A small image's loop may be shorter than one request's worth of repairs: a loop at least.)
+                self._rest_repairs_left = max(int(self.frames_per_loop * REST_REPAIR_SHARE), min(self.frames_per_loop, 64))
         self._next_frame = following
         return SendData(header=self._pack(self.cookie, offset), offset=offset, length=length)
 
@@ -227,6 +236,11 @@ class Carousel:
             return SendMetadata(datagrams=self.metadata_datagrams)
         repair = self._next_repair(now)
         if repair is not None:
+            self._rest_repairs_left -= 1
+            if not self._rest_repairs_left:
+                # Receivers lack much: the next loop starts after this frame (and may end in a rest again).
+                self.resting = False
+                self._metadata_due_at = None
             return repair
         return Idle(until=min(self._rest_signal_due_at, self._metadata_due_at))
 
