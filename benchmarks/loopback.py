@@ -1,14 +1,18 @@
 """Loopback goodput and CPU cost: one `vmcast serve`, one `vmcast receive`, real multicast on 127.0.0.1.
 
-    python -m benchmarks.loopback [--size-mib 1024] [--payloads 1400 8192] [--rate 0] [--runs 1] [--no-gso] [--no-gro]
+    python -m benchmarks.loopback [--size-mib 1024] [--payloads 1400 8192] [--rate 0] [--runs 1] [--no-gso] [--no-gro] [--shared]
 
 For each payload size it streams a random image unpaced (by default) to one receiver writing a file on disk,
 and prints: goodput (image bits / the receiver's own time from joining to verified and synced), the receiver's
 wall time from process start to exit, the receiver's drop counters, the datagrams its socket dropped for a full
 buffer (below), CPU seconds per GiB of the sender process and of the receiver process (user + sys from
 /proc and wait4), and of the receiver's SHA-1 verification: the CPU of its hashing thread, which hashes the
-blocks in order as they are verified, and what was left to hash when the last block came (MiB, seconds). Sender and receiver share this machine's cores; the table says how many there are.
+blocks in order as they are verified, and what was left to hash when the last block came (MiB, seconds).
 ``--no-gso`` and ``--no-gro`` are passed to ``vmcast serve`` and ``vmcast receive``.
+
+One core per side (the default on a machine with two or more): the sender (``vmcast serve`` and its parity
+workers) runs on core 0 and the receiver on core 1 (``sched_setaffinity``), so each figure is what one core
+does, and the two do not take turns on the same cores. ``--shared`` lets both use every core.
 
 Kernel drops are the receiver's own socket's (its JSON ``kernel_drops``, read when it verified the image; not
 the machine-wide RcvbufErrors, which counts every process's UDP), in datagrams. The kernel counts what it
@@ -76,13 +80,22 @@ def kernel_drops_in_datagrams(summary: dict, *, payload: int, rate: str, gso: bo
     return packets * datagrams_per_batch(payload=payload, rate=rate), packets == 0
 
 
-def run_once(image_dir: Path, work: Path, *, payload: int, rate: str, size: int, gso: bool = True, gro: bool = True) -> dict:
+def keep_on_core(process: subprocess.Popen, core: int | None) -> subprocess.Popen:
+    """Keep `process` on `core` (None: anywhere). Set as it starts, before the interpreter has made a thread
+    or a child: those inherit it (the server's parity workers too)."""
+    if core is not None:
+        os.sched_setaffinity(process.pid, {core})
+    return process
+
+
+def run_once(image_dir: Path, work: Path, *, payload: int, rate: str, size: int, gso: bool = True, gro: bool = True,
+             pin: bool = False) -> dict:
     port = free_tcp_port()
-    server = subprocess.Popen(
+    server = keep_on_core(subprocess.Popen(
         [*VMCAST, "serve", "--images", str(image_dir), "--port", str(port), "--mcast-port", str(free_udp_port()),
          "--payload", str(payload), "--rate", rate, "--cache-dir", str(work / "cache"), *([] if gso else ["--no-gso"])],
         stdout=(work / "server.log").open("w"), stderr=subprocess.STDOUT,
-    )
+    ), 0 if pin else None)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -102,12 +115,12 @@ def run_once(image_dir: Path, work: Path, *, payload: int, rate: str, size: int,
         output.unlink(missing_ok=True)
         server_cpu_before = process_cpu_seconds(server.pid)
         started = time.monotonic()
-        receiver = subprocess.Popen(
+        receiver = keep_on_core(subprocess.Popen(
             [*VMCAST, "receive", "bench.raw", "--server", url, "--output", str(output), "--json",
              # The stream holds until the receiver has joined, so it gets the image in order from frame 0.
              "--min-receivers", "1", *([] if gro else ["--no-gro"])],
             stdout=subprocess.PIPE, stderr=(work / "receiver.log").open("w"), text=True,
-        )
+        ), 1 if pin else None)
         _, status, usage = os.wait4(receiver.pid, 0)
         wall = time.monotonic() - started
         server_cpu = process_cpu_seconds(server.pid) - server_cpu_before
@@ -140,6 +153,7 @@ def run_once(image_dir: Path, work: Path, *, payload: int, rate: str, size: int,
             "coalesced_receives": summary.get("coalesced"),
             "receiver_drops": summary.get("drops"),
             "cores": os.cpu_count(),
+            "one_core_each": pin,
         }
     finally:
         stop(server)
@@ -154,19 +168,23 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also append JSON lines here")
     parser.add_argument("--no-gso", action="store_true", help="vmcast serve --no-gso: one datagram per send")
     parser.add_argument("--no-gro", action="store_true", help="vmcast receive --no-gro: one datagram per receive")
+    parser.add_argument("--shared", action="store_true", help="sender and receiver share every core (default: core 0 and core 1)")
     args = parser.parse_args()
+    pin = not args.shared and (os.cpu_count() or 1) >= 2
+    cores = "sender on core 0, receiver on core 1" if pin else f"{os.cpu_count()} cores shared by sender and receiver"
     with tempfile.TemporaryDirectory(prefix="vmcast-bench-", dir="/var/tmp") as tmp:
         work = Path(tmp)
         images = work / "images"
         images.mkdir()
         write_random_image(images / "bench.raw", args.size_mib)
         print(f"loopback, 1 receiver, {args.size_mib} MiB random image, rate {args.rate}, UDP GSO {'off' if args.no_gso else 'on'}, "
-              f"UDP GRO {'off' if args.no_gro else 'on'}, {os.cpu_count()} cores shared by sender and receiver")
+              f"UDP GRO {'off' if args.no_gro else 'on'}, {cores}")
         print(f"{'payload':>8} {'verified':>8} {'goodput':>12} {'receiver wall':>13} {'sender cpu':>14} {'receiver cpu':>14} "
               f"{'of it sha1':>14} {'sha1 at end':>19} {'sync':>7} {'kernel drops':>14}  receiver drops")  # fmt: skip
         for payload in args.payloads:
             for _ in range(args.runs):
-                result = run_once(images, work, payload=payload, rate=args.rate, size=args.size_mib << 20, gso=not args.no_gso, gro=not args.no_gro)
+                result = run_once(images, work, payload=payload, rate=args.rate, size=args.size_mib << 20, gso=not args.no_gso, gro=not args.no_gro,
+                                  pin=pin)
                 drops = result["kernel_drops_datagrams"]
                 drops_text = "?" if drops is None else f"{'' if result['kernel_drops_exact'] else '<='}{drops}"
                 at_end = f"{(result['unhashed_at_end_bytes'] or 0) / 2**20:.1f} MiB {result['hash_tail_seconds'] or 0:.3f} s"

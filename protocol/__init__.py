@@ -22,6 +22,7 @@ from .assembly import (
     ParityReceived,
     ParityUnused,
     RecoveryFailed,
+    RunReceived,
     StreamFailed,
 )
 from .carousel import METADATA_INTERVAL, Carousel, Idle, SendData, SendMetadata, SendParity

@@ -37,8 +37,10 @@ the block with `check_block` like any complete block: parity never bypasses the 
 from __future__ import annotations
 
 import enum
+import struct
 from array import array
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import xxhash
@@ -53,8 +55,8 @@ from .frames import (
     HEADER_SIZE,
     METADATA_OFFSET,
     PARITY_FLAG,
-    DropReason,
     Dropped,
+    DropReason,
     decode_metadata_payload,
     parity_fields,
 )
@@ -120,6 +122,20 @@ class DataReceived:
     decodable_block: int | None = None
     """A block that this frame made decodable with the parity held for it: after writing this frame, call
     `recover_block` (parity streams only; at most one of this and `completed_block` is set)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunReceived:
+    """New image bytes, a run of consecutive whole frames from one buffer (`Assembly.receive_run`): write the
+    payload of datagram ``i`` (the buffer's bytes from ``i * segment + HEADER_SIZE``, one frame long) at
+    ``offset + i * frame size``, for ``i`` below `count`; then check each of `completed_blocks`, in order."""
+
+    offset: int
+    """Byte position in the image of the first frame."""
+    count: int
+    """Frames (datagrams) in the run: all of the buffer's."""
+    completed_blocks: tuple[int, ...]
+    """Blocks the run completed whose checksums are known: call `check_block` for each after writing."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -293,6 +309,8 @@ class Assembly:
         self.parity_unused = 0
         self.blocks_recovered = 0
         self.recoveries_failed = 0
+        self._run_headers: dict[int, Callable[[bytes | bytearray | memoryview], tuple]] = {}
+        """Per datagram count, the header parser of a coalesced buffer of whole frames (`receive_run`)."""
 
     # -- progress --------------------------------------------------------------------------------------------
 
@@ -396,6 +414,57 @@ class Assembly:
         elif self._parity and self.parity_held[block] and block_frames[block] + self.parity_held[block] == frames_in_block:
             return DataReceived(offset=offset, payload=memoryview(datagram)[HEADER_SIZE:], completed_block=None, decodable_block=block)
         return DataReceived(offset=offset, payload=memoryview(datagram)[HEADER_SIZE:], completed_block=completed)
+
+    def receive_run(self, datagrams: bytes | bytearray | memoryview, segment: int) -> RunReceived | None:
+        """Take the datagrams of one coalesced receive (UDP GRO: `segment` bytes each) at once, when they are the
+        common case: whole frames of this stream, consecutive, all new, none of a block that parity could
+        complete. None, with nothing changed, otherwise: feed each to `receive_datagram` then.
+
+        The same outcome as `receive_datagram` for each, in a tenth of the per-datagram time: one header parse
+        for the whole buffer, one bit range set, block counts updated once per block touched (at payload 1400
+        a receive holds up to 45 datagrams, and the per-datagram path costs ~1.5 µs each).
+        """
+        layout = self.layout
+        if self.state is not AssemblyState.RECEIVING or layout is None:
+            return None
+        frame_size = layout.frame_size
+        count, rest = divmod(len(datagrams), segment)
+        if rest or count < 2 or segment != HEADER_SIZE + frame_size:
+            return None
+        unpack = self._run_headers.get(count)
+        if unpack is None:
+            unpack = self._run_headers[count] = struct.Struct(">" + f"8sQ{frame_size}x" * count).unpack_from
+        fields = unpack(datagrams)
+        first = fields[1]
+        if (
+            fields[0::2].count(self.cookie) != count
+            or first % frame_size
+            or first + count * frame_size > layout.length
+            or fields[1::2] != tuple(range(first, first + count * frame_size, frame_size))
+        ):
+            return None
+        frame = first // frame_size
+        end = frame + count
+        received = self._received
+        if received.find(1, frame, end) >= 0:
+            return None  # a duplicate among them: counted by the per-datagram path
+        per_block, block_frames = self._frames_per_block, self._block_frames
+        blocks = range(frame // per_block, (end - 1) // per_block + 1)
+        if self._parity:
+            parity_held = self.parity_held
+            if any(parity_held[block] for block in blocks):
+                return None  # the run may make a block decodable: the per-datagram path says which frame
+        received[frame:end] = 1
+        self._received_bytes += count * frame_size
+        completed = []
+        last_block, checksums = self._last_block, self._checksums
+        for block in blocks:
+            block_frames[block] += min(end, (block + 1) * per_block) - max(frame, block * per_block)
+            if block_frames[block] == (per_block if block != last_block else self._frames_in_last_block) and (
+                not self._has_block_checksums or checksums[block] is not None
+            ):
+                completed.append(block)
+        return RunReceived(offset=first, count=count, completed_blocks=tuple(completed))
 
     def _receive_parity(self, offset: int, datagram: bytes | bytearray | memoryview, size: int) -> ParityReceived | ParityUnused | Dropped:
         fields = parity_fields(offset)

@@ -85,6 +85,7 @@ from dataclasses import dataclass
 
 from bitarray import bitarray
 from vmcast.protocol import (
+    HEADER_SIZE,
     Assembly,
     AssemblyState,
     BlockCorrupt,
@@ -404,6 +405,7 @@ class Pump:
         view = memoryview(buffer)
         one_datagram = (0,)
         receive = assembly.receive_datagram
+        receive_run = assembly.receive_run
         stage = self._stage
         capacity = len(stage)
         stage_start = stage_end = stage_fill = 0
@@ -475,6 +477,27 @@ class Pump:
                 if segment < size:
                     self.coalesced += 1
                     datagrams = view[:size]  # so that the last, shorter datagram's slice ends where it does
+                    run = receive_run(datagrams, segment)
+                    if run is not None:
+                        # The common case, whole: consecutive new frames (`Assembly.receive_run`).
+                        count += run.count
+                        offset, frame_length = run.offset, segment - HEADER_SIZE
+                        length = run.count * frame_length
+                        if offset != stage_end or stage_fill + length > capacity:
+                            flush()
+                            stage_start = stage_end = offset
+                        for start in range(HEADER_SIZE, size, segment):
+                            stage[stage_fill : stage_fill + frame_length] = datagrams[start : start + frame_length]
+                            stage_fill += frame_length
+                        stage_end += length
+                        for block in run.completed_blocks:
+                            flush()
+                            self._check_block(block)
+                            if self._verified_sha1 is not None:
+                                return
+                        if port == carousel_port:
+                            observe(stage_end // frame_size - 1)
+                        continue
                     starts = range(0, size, segment)
                 else:
                     datagrams = view
