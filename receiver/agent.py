@@ -156,8 +156,6 @@ class ReceiveRequest:
     gro: bool = True
     """Ask the kernel for UDP GRO (several datagrams per receive); without it, or where the kernel refuses,
     one datagram per receive."""
-    direct_io: bool = True
-    """Write by O_DIRECT when frames are whole pages and the file system allows it (`pump`, `target`)."""
     fallback_after: float | None = DEFAULT_FALLBACK_AFTER
     """Server mode: seconds without anything of the stream by multicast before fetching the image by HTTP;
     None: never fetch by HTTP (not even the end game)."""
@@ -456,7 +454,7 @@ async def _start(run: _Run, nursery: trio.Nursery, resources: AsyncExitStack, ou
     gro = "on" if group_socket.gro else "off (not asked for)" if not request.gro else "off (the kernel refused it)"
     log.info("joined %s:%d on %s, receive buffer %d bytes, UDP GRO %s", group, port, interface, group_socket.rcvbuf, gro)
     assembly = Assembly(cookie=source.cookie, checkpoint=source.plan.checkpoint)
-    pump = Pump(sock=group_socket.sock, assembly=assembly, open_target=source.open_target, expected=source.expected, repairs=run.repairs, gro=group_socket.gro, direct=request.direct_io,
+    pump = Pump(sock=group_socket.sock, assembly=assembly, open_target=source.open_target, expected=source.expected, repairs=run.repairs, gro=group_socket.gro,
                 carousel_port=source.lease.carousel_port if source.lease is not None else None, on_phase=run.need.follower())
     run.pump = pump
     lease = source.lease

@@ -15,14 +15,10 @@ receive: every payload is copied into the stage (below) before that, and nothing
 
 Writes: new bytes that follow the previous ones are copied into a staging buffer (`STAGE_SIZE`) and written
 with one `os.pwrite` per flush. The stage is flushed when a payload does not follow on (a gap, a late
-joiner's wrap-around), when it is full, before a block is read back, and at the end. Direct I/O (``direct``,
-the default): when frames are whole pages (a payload of 4096, 8192, ... bytes) and the target's file system
-allows it, flushes go by `Target.pwrite_direct` from the stage (an anonymous map: page-aligned), past the page
-cache (see `target`).
+joiner's wrap-around), when it is full, before a block is read back, and at the end.
 
 Checks: when the assembly reports a complete block, it is read back from the target and judged by
-`Assembly.check_block`; a block that the last direct write took whole from the stage is judged from the
-stage instead (the bytes that write handed to the device: reading them back would go to the disk); verified blocks go to the `Sha1Cursor` (with the bytes just read), which hashes the
+`Assembly.check_block`; verified blocks go to the `Sha1Cursor` (with the bytes just read), which hashes the
 image in order in a second thread. When the last block is verified the loop asks for the digest, calls
 `check_image`, and fsyncs the target before it reports success. A corrupt block or image has already been
 forgotten by the assembly: the loop keeps receiving and takes it again from a later loop of the sender,
@@ -78,7 +74,6 @@ import collections
 import enum
 import functools
 import logging
-import mmap
 import socket
 import struct
 import sys
@@ -109,7 +104,7 @@ from .errors import StreamBroken
 from .hashing import Sha1Cursor
 from .multicast import SOL_UDP, UDP_GRO, kernel_drops
 from .repair import OBSERVE_EVERY, Repairs
-from .target import DIRECT_ALIGNMENT, Target
+from .target import Target
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +240,7 @@ class Pump:
     truncate a receive (what did not fit is counted in `truncated` and dropped).
     """
 
-    def __init__(self, *, sock: socket.socket, assembly: Assembly, open_target: Callable[[StreamMetadata], Target], expected: bytes | None = None, repairs: Repairs | None = None, stage_size: int = STAGE_SIZE, gro: bool = False, buffer_size: int = RECEIVE_BUFFER_SIZE, carousel_port: int | None = None, on_phase: Callable[[Phase], None] | None = None, direct: bool = True) -> None:
+    def __init__(self, *, sock: socket.socket, assembly: Assembly, open_target: Callable[[StreamMetadata], Target], expected: bytes | None = None, repairs: Repairs | None = None, stage_size: int = STAGE_SIZE, gro: bool = False, buffer_size: int = RECEIVE_BUFFER_SIZE, carousel_port: int | None = None, on_phase: Callable[[Phase], None] | None = None) -> None:
         self.assembly = assembly
         self._carousel_port = carousel_port
         self._gro = gro
@@ -254,12 +249,7 @@ class Pump:
         self._confirm_expected = expected is not None
         self._sock = sock
         self._open_target = open_target
-        self._stage = memoryview(mmap.mmap(-1, stage_size))  # page-aligned, for direct writes
-        self._direct_wanted = direct
-        self._direct = False
-        """Flushes of whole pages go by `Target.pwrite_direct` (decided with the first metadata)."""
-        self._flushed = (0, 0)
-        """The image bytes ``[start, end)`` the last flush wrote from the stage (still there until more is staged)."""
+        self._stage = memoryview(bytearray(stage_size))
         self._stop = False
         self._target: Target | None = None
         self._cursor: Sha1Cursor | None = None
@@ -439,12 +429,7 @@ class Pump:
         def flush() -> None:
             nonlocal stage_start, stage_fill
             if stage_fill:
-                if self._direct and not (stage_start | stage_fill) % DIRECT_ALIGNMENT:
-                    self._target.pwrite_direct(stage[:stage_fill], stage_start)
-                    self._flushed = (stage_start, stage_start + stage_fill)
-                else:
-                    self._target.pwrite(stage[:stage_fill], stage_start)
-                    self._flushed = (0, 0)  # read back as usual: the page cache has it
+                self._target.pwrite(stage[:stage_fill], stage_start)
                 self.multicast_bytes += stage_fill
                 stage_start, stage_fill = stage_end, 0
 
@@ -632,10 +617,6 @@ class Pump:
         self._target = self._open_target(metadata)
         if self._target.length != metadata.length:
             raise StreamBroken(reason=f"the target was opened for {self._target.length} bytes, the stream has {metadata.length}")
-        frame_size = metadata.frame_size
-        if self._direct_wanted and frame_size and not frame_size % DIRECT_ALIGNMENT:
-            self._direct = self._target.open_direct()
-            log.info("writing by direct I/O: %s", "yes" if self._direct else "no (the file system refuses O_DIRECT)")
         self.phase = Phase.RECEIVING
         self._note_resumed()
 
@@ -676,7 +657,6 @@ class Pump:
         cursor = self._sha1_cursor()
         for first, last in _runs_of(blocks):
             start, end = layout.block_span(first)[0], layout.block_span(last)[1]
-            self._flushed = (0, 0)  # the stage no longer has the target's bytes there
             self._target.zero_range(start, end - start)
             for block in range(first, last + 1):
                 cursor.verified(block, None)
@@ -689,7 +669,6 @@ class Pump:
         layout = self.assembly.layout
         for first, count in runs:
             start = first * layout.frame_size
-            self._flushed = (0, 0)  # the stage no longer has the target's bytes there
             self._target.zero_range(start, min((first + count) * layout.frame_size, layout.length) - start)
             self.zero_frames += count
 
@@ -698,13 +677,7 @@ class Pump:
         start, end = self.assembly.layout.block_span(block)
         lent = cursor.take_buffer()
         view = memoryview(lent if lent is not None else self._scratch)[: end - start]
-        flushed_start, flushed_end = self._flushed
-        if flushed_start <= start and end <= flushed_end:
-            # The last flush wrote all of it by direct I/O from the stage, where it still is: staging is
-            # contiguous (every frame of that span was received), and nothing is staged before this check.
-            view[:] = self._stage[start - flushed_start : end - flushed_start]
-        else:
-            self._target.pread_into(view, start)
+        self._target.pread_into(view, start)
         self._judged(self.assembly.check_block(block, view), lent)
 
     def _recover_block(self, block: int) -> None:
@@ -724,7 +697,6 @@ class Pump:
         for offset, payload in outcome.frames:
             if not (start <= offset and offset + len(payload) <= end):
                 raise StreamBroken(reason=f"parity recovery of block {block} gave bytes at {offset}, outside it")
-            self._flushed = (0, 0)  # the stage no longer has the target's bytes there
             self._target.pwrite(payload, offset)
             self.multicast_bytes += len(payload)
         self.recovered_blocks += 1
@@ -746,7 +718,6 @@ class Pump:
             if len(data) != end - start or assembly.is_verified(block):
                 self.fetched_discarded += 1  # multicast verified it meanwhile: keep the bytes already checked
                 continue
-            self._flushed = (0, 0)  # the stage no longer has the target's bytes there
             self._target.pwrite(data, start)
             cursor = self._sha1_cursor()
             lent = cursor.take_buffer()

@@ -20,14 +20,6 @@ Rules (after ironic-python-agent, which refuses disks that are in use and fails 
 * `Target.zero_range` makes a range read as zeros (the stream's zero blocks, which are never sent): a hole
   punched in a file, ``BLKZEROOUT`` on a device (the device's own zeroing: thin provisioning and SSDs
   make it cheap), plain zeros written where either is refused.
-* `Target.open_direct` opens a second descriptor with ``O_DIRECT`` where the file system allows it, and
-  `Target.pwrite_direct` writes page-aligned memory by it in whole units of `DIRECT_ALIGNMENT`: the bytes go
-  from the caller's buffer to the device without a copy into the page cache, which on a receiver at
-  gigabits a second is the largest single cost (measured on loopback at payload 8192: 4.2-4.6 µs of the
-  pump's ~10 µs per datagram went to filling fresh page-cache pages; O_DIRECT writes cost 0.11-0.12 CPU-s per
-  GiB against 0.64-0.70 buffered), and an imaging agent does not fill the node's memory with an image it
-  will not read. Other writes, reads and `sync` use the ordinary descriptor; the kernel keeps the two
-  coherent, and ``fsync`` makes both durable.
 * `Target.start_writeback` asks the kernel to start writing a range to the disk now (``sync_file_range``
   with ``SYNC_FILE_RANGE_WRITE``), so that the final `Target.sync` has little left to write; `sync` alone is
   what makes bytes durable.
@@ -61,10 +53,6 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 # Plain zeros are written this much at a time where no faster way is allowed.
 ZERO_CHUNK = 1 << 20
 
-# Direct I/O writes whole units of this many bytes, at offsets that are multiples of it, from memory aligned to it:
-# a page, which is also a multiple of every device's logical block size (512 or 4096).
-DIRECT_ALIGNMENT = 4096
-
 # sync_file_range(2) flag: start writeback of the range's dirty pages and return without waiting for it.
 SYNC_FILE_RANGE_WRITE = 0x2
 # Errors by which sync_file_range says it cannot be used here (not a failed write): the hint is dropped.
@@ -95,7 +83,7 @@ class Target:
     before touching the disk.
     """
 
-    __slots__ = ("_direct_fd", "_writeback", "capacity", "fd", "kind", "length", "path")
+    __slots__ = ("_writeback", "capacity", "fd", "kind", "length", "path")
 
     def __init__(self, *, path: str, kind: TargetKind, length: int, capacity: int, fd: int) -> None:
         self.path = path
@@ -110,8 +98,6 @@ class Target:
         """The open descriptor, read-write."""
         self._writeback = _sync_file_range is not None
         """Whether `start_writeback` still asks the kernel (False once it said it cannot)."""
-        self._direct_fd = -1
-        """The O_DIRECT descriptor (`open_direct`), or -1."""
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         """Write all of `data` at `offset`, looping over short writes."""
@@ -128,51 +114,6 @@ class Target:
                 offset += written
         except OSError as error:
             raise TargetIOError(path=self.path, operation=f"writing {size} bytes at {offset} to", error=error) from error
-
-    @property
-    def direct(self) -> bool:
-        """Whether `pwrite_direct` writes by O_DIRECT (else it writes like `pwrite`)."""
-        return self._direct_fd >= 0
-
-    def open_direct(self) -> bool:
-        """Open the target a second time with O_DIRECT, for `pwrite_direct`; False where the file system refuses
-        it (tmpfs, some FUSE and network file systems: EINVAL) or it cannot be opened: writes stay buffered."""
-        if self._direct_fd < 0 and self.fd >= 0:
-            try:
-                # By /proc, so that it is the very file (or device) open here, whatever its name is now.
-                self._direct_fd = os.open(f"/proc/self/fd/{self.fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-            except OSError:
-                return False
-        return self._direct_fd >= 0
-
-    def pwrite_direct(self, data: memoryview, offset: int) -> None:
-        """`pwrite` by the O_DIRECT descriptor: `data` starts at a `DIRECT_ALIGNMENT` boundary in memory (the
-        caller's job: an anonymous `mmap` is page-aligned), and `offset` and its length are multiples of it
-        (checked: else `ValueError`). Without O_DIRECT, or when the kernel refuses a direct write (EINVAL: a
-        device whose logical blocks are larger, memory that is not aligned after all), it writes by `pwrite`,
-        and keeps to it for good."""
-        size = len(data)
-        if offset % DIRECT_ALIGNMENT or size % DIRECT_ALIGNMENT:
-            raise ValueError(f"a direct write of {size} bytes at {offset} is not in units of {DIRECT_ALIGNMENT}")
-        if offset < 0 or offset + size > self.length:
-            raise TargetBoundsError(path=self.path, offset=offset, length=size, limit=self.length)
-        if self._direct_fd >= 0:
-            try:
-                written = os.pwrite(self._direct_fd, data, offset)
-            except OSError as error:
-                if error.errno != errno.EINVAL:
-                    raise TargetIOError(path=self.path, operation=f"writing {size} bytes at {offset} to", error=error) from error
-                self._close_direct()
-            else:
-                if written == size:
-                    return
-                data, offset = data[written:], offset + written  # a short direct write: the rest as usual
-        self.pwrite(data, offset)
-
-    def _close_direct(self) -> None:
-        if self._direct_fd >= 0:
-            fd, self._direct_fd = self._direct_fd, -1
-            os.close(fd)
 
     def pread_into(self, buffer: bytearray | memoryview, offset: int) -> None:
         """Fill all of `buffer` with the target's bytes at `offset`, looping over short reads."""
@@ -259,7 +200,6 @@ class Target:
             raise TargetIOError(path=self.path, operation="syncing", error=error) from error
 
     def close(self) -> None:
-        self._close_direct()
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
