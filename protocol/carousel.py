@@ -13,13 +13,14 @@ the two taking turns when both are pending.
 
 Resting (docs/PROTOCOL.md section 7): when the caller knows every receiver and when the last of them began
 listening (`listening_since`), a loop that started after that was heard whole by all of them. After such a
-loop the carousel *rests*: it sends no more carousel frames, only the requested repairs (then at the full
-rate, none of it going to carousel frames), the metadata every `metadata_interval`, and a small rest frame
-(``"rest": true``) every `REST_SIGNAL_INTERVAL`, which tells receivers that everything has passed, so that
-they ask now for what they lack instead of waiting for a loop that is not coming. A new receiver (the caller
-sets `listening_since` to None, or to a time after that loop's start) ends the rest, and so do repairs of
-`REST_REPAIR_SHARE` of a loop: the next loop starts at once. Without a rest a stream whose receivers are all done but the last few would send part of a loop
-more, for no one: the time between the loop's end and the last release (~0.15 s on the test bed).
+loop the carousel *rests*: it sends no more carousel frames, only the requested repairs (the server's
+sender paces them at half the rate, as beside the loop), the metadata every `metadata_interval`, and a small
+rest frame (``"rest": true``) every `REST_SIGNAL_INTERVAL`, which tells receivers that everything has passed,
+so that they ask now for what they lack instead of waiting for a loop that is not coming. A new receiver
+(the caller sets `listening_since` to None, or to a time after that loop's start) ends the rest, and so do
+repairs of `REST_REPAIR_SHARE` of a loop: the next loop starts at once. Without a rest a stream whose
+receivers are all done but the last few would send part of a loop more, for no one: the time between the
+loop's end and the last release (~0.15 s on the test bed).
 """
 
 from __future__ import annotations

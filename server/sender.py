@@ -737,7 +737,11 @@ class Sender:
         GSO batch (or one by one if the kernel refuses it)."""
         stop, cost = self._stop, size + IP_UDP_HEADER_SIZE * segments
         if bucket is not None:
-            while (delay := bucket.take(cost, time.monotonic())) > 0.0:
+            # Resting, repairs alone go at half the rate, as they do beside the carousel's frames (one for one):
+            # a rest must not raise the receivers' load (parity to decode) above what the loop had them take.
+            # (Never more than the bucket holds, or a very slow stream would wait forever.)
+            charge = min(2 * cost, int(bucket.capacity)) if self._carousel.resting else cost
+            while (delay := bucket.take(charge, time.monotonic())) > 0.0:
                 if stop.wait(min(delay, STOP_CHECK_INTERVAL)):
                     return False
         assert sock is not None

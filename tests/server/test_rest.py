@@ -97,3 +97,25 @@ def test_a_resting_carousel_still_serves_repairs(
     assert [item.offset for item in heard] == [10 * FRAME, 11 * FRAME, 12 * FRAME]
     assert all(item.source_port != started["carousel_port"] for item in heard), "repairs come from the repair port"
     assert status(client, stream_id)["resting"], "a repair does not end the rest"
+
+
+def test_a_resting_carousel_sends_repairs_at_half_the_rate_as_beside_the_loop(
+    client: TestClient, images: Images, listen: Callable[..., MulticastListener]
+) -> None:
+    # Beside the carousel, repairs take every other datagram; alone, they must not come faster, or a rest
+    # would give receivers more parity to decode per second than the loop did. A lower bound on the time
+    # (a slow machine only makes it longer).
+    started = start_stream(client, images.raw)
+    stream_id = started["stream_id"]
+    joined(client, started["lease_id"])
+    wait_for(lambda: status(client, stream_id)["resting"], 4 * LOOP_SECONDS)
+    listener = listen(started["group"], started["port"], started["cookie"])
+    frames = 150  # under the rest's repair budget (an eighth of the ~1,500-frame loop): the rest goes on
+    request = encode_repair_request(bytes.fromhex(started["cookie"]), RepairRequest(ranges=((100, frames),)))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.sendto(request, ("127.0.0.1", started["repair_port"]))
+    heard = [item for item in listener.listen(1.0) if not item.is_metadata]
+    assert len(heard) == frames and all(item.source_port != started["carousel_port"] for item in heard)
+    rate_bps = status(client, stream_id)["rate_bps"]
+    half_rate_seconds = frames * (FRAME + 16 + 28) * 8 / (rate_bps / 2)
+    assert heard[-1].at - heard[0].at >= 0.75 * half_rate_seconds, "repairs alone came faster than half the rate"
