@@ -490,11 +490,14 @@ class Pump:
                             stage[stage_fill : stage_fill + frame_length] = datagrams[start : start + frame_length]
                             stage_fill += frame_length
                         stage_end += length
+                        mismatches = self._image_mismatches
                         for block in run.completed_blocks:
                             flush()
                             self._check_block(block)
                             if self._verified_sha1 is not None:
                                 return
+                            if self._image_mismatches != mismatches:
+                                break  # the image was forgotten: the other block is no longer complete
                         if port == carousel_port:
                             observe(stage_end // frame_size - 1)
                         continue

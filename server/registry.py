@@ -140,8 +140,8 @@ class _Stream:
     """Registry-internal: mutable, guarded by the registry's lock."""
 
     __slots__ = (
-        "cookie", "created_at", "group", "image", "joined", "key", "min_receivers", "port", "references", "sender",
-        "stream_id", "zero_bytes",
+        "cookie", "created_at", "group", "image", "joined", "key", "last_joined_at", "min_receivers", "port",
+        "references", "sender", "stream_id", "zero_bytes",
     )  # fmt: skip
 
     def __init__(
@@ -162,6 +162,9 @@ class _Stream:
         self.joined: dict[str, float] = {}
         """Active leases whose holders said they joined the group, and when (`time.monotonic()`, the sender's
         clock): counted while the sender holds, and the carousel rests once all have heard a whole loop."""
+        self.last_joined_at = 0.0
+        """The latest of those times, ever: a lease that ends does not move it back, so that no join or release
+        scans thousands of leases; at worst the carousel loops once more before it rests."""
         self.created_at = time.time()
         # Bytes a loop never sends (zero blocks and zero frames): once, a status is asked at every metrics scrape.
         self.zero_bytes = image.manifest.unsent_bytes()
@@ -169,8 +172,8 @@ class _Stream:
     def tell_listening(self) -> None:
         """Tell the sender when the last of its receivers began listening: None while any active lease has
         not said it joined (the carousel must not rest then: that receiver may need the next loop)."""
-        joined = self.joined
-        self.sender.listening_since(max(joined.values()) if self.references and len(joined) == self.references else None)
+        everyone = self.references and len(self.joined) == self.references
+        self.sender.listening_since(self.last_joined_at if everyone else None)
 
     def stored(self) -> StoredStream:
         return StoredStream(
@@ -307,7 +310,8 @@ class Registry:
         """
         with self._lock:
             stream = self._running[self._active_lease(lease_id).stream_id]
-            stream.joined.setdefault(lease_id, time.monotonic())
+            if lease_id not in stream.joined:
+                stream.joined[lease_id] = stream.last_joined_at = time.monotonic()
             stream.tell_listening()
             if stream.sender.holding and len(stream.joined) >= stream.min_receivers:
                 stream.sender.open_gate()
@@ -494,7 +498,7 @@ class Registry:
                 self._activate(lease)
                 stream.references += 1
                 # Their receivers were listening before the restart and still are (their sockets stayed).
-                stream.joined[lease.lease_id] = time.monotonic()
+                stream.joined[lease.lease_id] = stream.last_joined_at = time.monotonic()
             stream.tell_listening()
             sender.start()
         log.info(

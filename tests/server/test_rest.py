@@ -94,8 +94,10 @@ def test_a_resting_carousel_still_serves_repairs(
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.sendto(request, ("127.0.0.1", started["repair_port"]))
     heard = [item for item in listener.listen(0.3) if not item.is_metadata]
-    assert [item.offset for item in heard] == [10 * FRAME, 11 * FRAME, 12 * FRAME]
-    assert all(item.source_port != started["carousel_port"] for item in heard), "repairs come from the repair port"
+    # (The loop's last batch may still be on its way when the listener joins: carousel frames, not repairs.)
+    repairs = [item for item in heard if item.source_port != started["carousel_port"]]
+    assert [item.offset for item in repairs] == [10 * FRAME, 11 * FRAME, 12 * FRAME], "from the repair port"
+    assert len(heard) - len(repairs) <= 8, "and no carousel frame but the loop's last few"
     assert status(client, stream_id)["resting"], "a repair does not end the rest"
 
 
@@ -114,8 +116,9 @@ def test_a_resting_carousel_sends_repairs_at_half_the_rate_as_beside_the_loop(
     request = encode_repair_request(bytes.fromhex(started["cookie"]), RepairRequest(ranges=((100, frames),)))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.sendto(request, ("127.0.0.1", started["repair_port"]))
-    heard = [item for item in listener.listen(1.0) if not item.is_metadata]
-    assert len(heard) == frames and all(item.source_port != started["carousel_port"] for item in heard)
+    carousel_port = started["carousel_port"]  # (the loop's last batch may still be on its way: not counted)
+    heard = [item for item in listener.listen(1.0) if not item.is_metadata and item.source_port != carousel_port]
+    assert len(heard) == frames
     rate_bps = status(client, stream_id)["rate_bps"]
     half_rate_seconds = frames * (FRAME + 16 + 28) * 8 / (rate_bps / 2)
     assert heard[-1].at - heard[0].at >= 0.75 * half_rate_seconds, "repairs alone came faster than half the rate"
