@@ -82,23 +82,38 @@ def test_a_lease_that_never_says_it_joined_keeps_the_carousel_looping_until_it_i
     wait_for(lambda: status(client, stream_id)["resting"], 4 * LOOP_SECONDS)
 
 
+def resting_stream(client: TestClient, images: Images) -> dict:
+    """A stream started, its one lease joined, and resting after its first whole loop."""
+    started = start_stream(client, images.raw)
+    joined(client, started["lease_id"])
+    wait_for(lambda: status(client, started["stream_id"])["resting"], 4 * LOOP_SECONDS)
+    return started
+
+
+def ask_for_repairs(started: dict, first: int, count: int) -> None:
+    request = encode_repair_request(bytes.fromhex(started["cookie"]), RepairRequest(ranges=((first, count),)))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.sendto(request, ("127.0.0.1", started["repair_port"]))
+
+
+def repairs_heard(listener: MulticastListener, started: dict, seconds: float) -> tuple[list[Heard], int]:
+    """Repair frames heard (by their source port), and how many carousel frames came besides: the loop's
+    last batch may still be on its way when the listener joins."""
+    data = [item for item in listener.listen(seconds) if not item.is_metadata]
+    repairs = [item for item in data if item.source_port != started["carousel_port"]]
+    return repairs, len(data) - len(repairs)
+
+
 def test_a_resting_carousel_still_serves_repairs(
     client: TestClient, images: Images, listen: Callable[..., MulticastListener]
 ) -> None:
-    started = start_stream(client, images.raw)
-    stream_id = started["stream_id"]
-    joined(client, started["lease_id"])
-    wait_for(lambda: status(client, stream_id)["resting"], 4 * LOOP_SECONDS)
+    started = resting_stream(client, images)
     listener = listen(started["group"], started["port"], started["cookie"])
-    request = encode_repair_request(bytes.fromhex(started["cookie"]), RepairRequest(ranges=((10, 3),)))
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.sendto(request, ("127.0.0.1", started["repair_port"]))
-    heard = [item for item in listener.listen(0.3) if not item.is_metadata]
-    # (The loop's last batch may still be on its way when the listener joins: carousel frames, not repairs.)
-    repairs = [item for item in heard if item.source_port != started["carousel_port"]]
+    ask_for_repairs(started, 10, 3)
+    repairs, carousel_frames_heard = repairs_heard(listener, started, 0.3)
     assert [item.offset for item in repairs] == [10 * FRAME, 11 * FRAME, 12 * FRAME], "from the repair port"
-    assert len(heard) - len(repairs) <= 8, "and no carousel frame but the loop's last few"
-    assert status(client, stream_id)["resting"], "a repair does not end the rest"
+    assert carousel_frames_heard <= 8, "and no carousel frame but the loop's last few"
+    assert status(client, started["stream_id"])["resting"], "a repair does not end the rest"
 
 
 def test_a_resting_carousel_sends_repairs_at_half_the_rate_as_beside_the_loop(
@@ -107,18 +122,12 @@ def test_a_resting_carousel_sends_repairs_at_half_the_rate_as_beside_the_loop(
     # Beside the carousel, repairs take every other datagram; alone, they must not come faster, or a rest
     # would give receivers more parity to decode per second than the loop did. A lower bound on the time
     # (a slow machine only makes it longer).
-    started = start_stream(client, images.raw)
-    stream_id = started["stream_id"]
-    joined(client, started["lease_id"])
-    wait_for(lambda: status(client, stream_id)["resting"], 4 * LOOP_SECONDS)
+    started = resting_stream(client, images)
     listener = listen(started["group"], started["port"], started["cookie"])
     frames = 150  # under the rest's repair budget (an eighth of the ~1,500-frame loop): the rest goes on
-    request = encode_repair_request(bytes.fromhex(started["cookie"]), RepairRequest(ranges=((100, frames),)))
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.sendto(request, ("127.0.0.1", started["repair_port"]))
-    carousel_port = started["carousel_port"]  # (the loop's last batch may still be on its way: not counted)
-    heard = [item for item in listener.listen(1.0) if not item.is_metadata and item.source_port != carousel_port]
-    assert len(heard) == frames
-    rate_bps = status(client, stream_id)["rate_bps"]
+    ask_for_repairs(started, 100, frames)
+    repairs, _ = repairs_heard(listener, started, 1.0)
+    assert len(repairs) == frames
+    rate_bps = status(client, started["stream_id"])["rate_bps"]
     half_rate_seconds = frames * (FRAME + 16 + 28) * 8 / (rate_bps / 2)
-    assert heard[-1].at - heard[0].at >= 0.75 * half_rate_seconds, "repairs alone came faster than half the rate"
+    assert repairs[-1].at - repairs[0].at >= 0.75 * half_rate_seconds, "repairs alone came faster than half the rate"
