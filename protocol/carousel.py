@@ -158,8 +158,7 @@ class Carousel:
 
     def next_send(self, now: float) -> SendData | SendParity | SendMetadata | Idle:
         if self.resting:
-            listening_since = self.listening_since
-            if listening_since is not None and listening_since <= self._loop_started_at:
+            if self._loop_heard_whole():
                 return self._rest(now)
             self.resting = False  # a receiver came: the next loop starts now, with metadata
             self._metadata_due_at = None
@@ -200,15 +199,20 @@ class Carousel:
             following = self._loop_start()
             self.loops_completed += 1
             self._metadata_due_at = None  # every loop starts with metadata
-            listening_since = self.listening_since
-            if listening_since is not None and listening_since <= self._loop_started_at:
-                self.resting = True  # every receiver heard this loop whole
+            if self._loop_heard_whole():
+                self.resting = True
                 self.rests += 1
                 self._rest_signal_due_at = now
                 # (A small image's loop may be shorter than one request's worth of repairs: a loop at least.)
                 self._rest_repairs_left = max(int(self.frames_per_loop * REST_REPAIR_SHARE), min(self.frames_per_loop, 64))
         self._next_frame = following
         return SendData(header=self._pack(self.cookie, offset), offset=offset, length=length)
+
+    def _loop_heard_whole(self) -> bool:
+        """Whether every receiver listened since the latest loop started (`listening_since`): after it, they all
+        heard it whole, and while it holds a rest goes on."""
+        listening_since = self.listening_since
+        return listening_since is not None and listening_since <= self._loop_started_at
 
     def _next_repair(self, now: float) -> SendData | SendParity | None:
         """The next repair frame, if any is pending: parity and requested frames take turns."""
