@@ -54,6 +54,7 @@ import os
 import random
 import resource
 import signal
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -116,6 +117,10 @@ class HarnessSettings:
     out: Path | None = None
     timeout: float | None = None
     vmcast_rate: str | None = None
+    vmcast_serve_args: list[str] = dataclasses.field(default_factory=list)
+    """Appended to ``vmcast serve`` verbatim (e.g. ``--no-fec``)."""
+    vmcast_receive_args: list[str] = dataclasses.field(default_factory=list)
+    """Appended to every ``vmcast receive`` verbatim (e.g. ``--nap 0``)."""
     image_cache_dir: Path = IMAGE_CACHE_DIR
     work_dir: Path | None = None
     plot: bool = True
@@ -265,7 +270,8 @@ def _run_tool(tool: str, bed: TestBed, image: Path, sha1: str, settings: Harness
         details = VmcastDetails()
         result = run_vmcast(bed, image, sha1, settings.rate_mbit, timeout, payload=settings.payload, loss=loss,
                             sender_rate=settings.vmcast_rate, cache_dir=cache_dir, work_dir=work_dir,
-                            details=details, receivers_wait=tool == "vmcast-wait")  # fmt: skip
+                            details=details, receivers_wait=tool == "vmcast-wait", extra_server_args=settings.vmcast_serve_args,
+                            extra_receive_args=settings.vmcast_receive_args)  # fmt: skip
         return result, details.as_dict(), details.machine_cpu_before_clock or 0.0
     return PEER_RUNNERS[tool](bed, image, sha1, settings.rate_mbit, timeout, work_dir=work_dir), None, 0.0
 
@@ -316,6 +322,8 @@ def _one_run(tool: str, receivers: int, loss: float, zero_fraction: float, image
         "rate_mbit": settings.rate_mbit,
         "mtu": settings.mtu,
         "payload": settings.payload,
+        "vmcast_serve_args": settings.vmcast_serve_args if tool in VMCAST_TOOLS else [],
+        "vmcast_receive_args": settings.vmcast_receive_args if tool in VMCAST_TOOLS else [],
         "cores": os.cpu_count(),
         "image": {"kind": image_kind(zero_fraction), "zero_fraction": zero_fraction, "size_bytes": size_bytes,
                   "sha1": sha1, "seed": settings.seed},
@@ -425,7 +433,8 @@ def conditions_text(settings: HarnessSettings, commit: tuple[str, bool], timeout
     rates = []
     if settings.rate_mbit:
         vmcast = settings.vmcast_rate or f"{vmcast_rate_bps(settings.rate_mbit, payload=settings.payload, mtu=settings.mtu) / 1e6:.1f}mbit"
-        rates = [f"vmcast --rate {vmcast} (IP bytes; {VMCAST_RATE_FRACTION:g} of the link after Ethernet headers)",
+        rates = [f"vmcast --rate {vmcast} (IP bytes; {VMCAST_RATE_FRACTION:g} of the link after Ethernet headers)"
+                 + "".join(f"; vmcast {command} {' '.join(extra)}" for command, extra in (("serve", settings.vmcast_serve_args), ("receive", settings.vmcast_receive_args)) if extra),
                  f"udpcast {UDPCAST_RATE_FRACTION:g} x link", f"uftp {UFTP_RATE_FRACTION:g} x link", "http: TCP"]  # fmt: skip
     return "\n".join([
         (f"vmcast commit {commit[0]}{' (+ uncommitted changes)' if commit[1] else ''} from {vmcast_source_root()}; "
@@ -636,6 +645,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="results directory (default benchmarks/results/DATE)")
     parser.add_argument("--timeout", type=float, help="per run (default max(8x, 2N x) the multicast ideal + 60s)")
     parser.add_argument("--vmcast-rate", help="vmcast serve --rate verbatim (default: matched to the link)")
+    parser.add_argument("--vmcast-serve-args", type=shlex.split, default=[], metavar="ARGS",
+                        help="more options for vmcast serve, one quoted string, e.g. '--no-fec'")
+    parser.add_argument("--vmcast-receive-args", type=shlex.split, default=[], metavar="ARGS",
+                        help="more options for every vmcast receive, one quoted string, e.g. '--nap 0'")
     parser.add_argument("--image-cache", type=Path, default=IMAGE_CACHE_DIR)
     parser.add_argument("--work-dir", type=Path, help="scratch for received copies (default /var/tmp)")
     parser.add_argument("--no-plot", action="store_true")
@@ -655,6 +668,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out=args.out,
         timeout=args.timeout,
         vmcast_rate=args.vmcast_rate,
+        vmcast_serve_args=args.vmcast_serve_args,
+        vmcast_receive_args=args.vmcast_receive_args,
         image_cache_dir=args.image_cache,
         work_dir=args.work_dir,
         plot=not args.no_plot,

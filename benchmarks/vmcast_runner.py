@@ -270,6 +270,7 @@ def run_vmcast(
     work_dir: Path | None = None,
     keep_work_dir: bool = False,
     extra_server_args: Sequence[str] = (),
+    extra_receive_args: Sequence[str] = (),
     details: VmcastDetails | None = None,
     receivers_wait: bool = False,
 ) -> PeerResult:
@@ -281,6 +282,8 @@ def run_vmcast(
     bed as built. ``cache_dir``: the server's cache (manifests keyed by image content), e.g. shared by several
     runs of one image to spare re-hashing it; by default a fresh one in the work directory. ``details``:
     a :class:`VmcastDetails` to fill in (receiver JSON summaries, drops, CPU split, stream counters).
+    ``extra_server_args`` / ``extra_receive_args``: appended to every ``vmcast serve`` / ``vmcast receive``
+    command line (e.g. ``--no-fec``, ``--nap 0``: one build, compared with and without an option).
     ``receivers_wait``: start the receivers before the clock, waiting for the stream, and start it at the
     clock as an operator (see the module docstring).
 
@@ -343,7 +346,7 @@ def run_vmcast(
         rcvbuf_before = [r.rcvbuf_errors() for r in bed.receivers]
         receiver_argv = [[*VMCAST_COMMAND, "receive", image_path.name, "--server", base_url, "--output", str(output),
                           "--interface", receiver.address, "--timeout", str(RECEIVER_DATAGRAM_TIMEOUT_SECONDS), "--json",
-                          "--min-receivers", str(receiver_count), "--max-wait", str(HOLD_MAX_WAIT_SECONDS)]
+                          "--min-receivers", str(receiver_count), "--max-wait", str(HOLD_MAX_WAIT_SECONDS), *extra_receive_args]
                          for receiver, output in zip(bed.receivers, outputs, strict=True)]  # fmt: skip
         details.receivers_waited = receivers_wait
         # Only what comes before the receivers start is left out of the machine's CPU: their start-up counts.
