@@ -60,7 +60,7 @@ import trio
 from vmcast.protocol import PROTOCOL_VERSION, Assembly, StreamMetadata, encode_metadata
 from vmcast.protocol.repair import REREQUEST_AFTER
 
-from .defaults import DEFAULT_FALLBACK_AFTER, DEFAULT_TIMEOUT, RECEIVE_NAP
+from .defaults import DEFAULT_FALLBACK_AFTER, DEFAULT_TIMEOUT
 from .errors import Interrupted, JoinFailed, NoData, NoStream, ReceiveError, StreamBroken
 from .fallback import FallbackSettings, FallbackStats, fetch_when_needed
 from .lease import Lease, LeaseClient
@@ -156,8 +156,6 @@ class ReceiveRequest:
     gro: bool = True
     """Ask the kernel for UDP GRO (several datagrams per receive); without it, or where the kernel refuses,
     one datagram per receive."""
-    nap: float = RECEIVE_NAP
-    """Seconds to sleep when the socket runs dry, so that a paced link's datagrams gather (0: wake for each)."""
     fallback_after: float | None = DEFAULT_FALLBACK_AFTER
     """Server mode: seconds without anything of the stream by multicast before fetching the image by HTTP;
     None: never fetch by HTTP (not even the end game)."""
@@ -202,8 +200,6 @@ class ReceiveResult:
     """UDP GRO was on: a receive could return several datagrams."""
     coalesced: int = 0
     """Receives that returned several datagrams in one buffer (UDP GRO)."""
-    naps: int = 0
-    """Times the receive found the socket empty and slept to let datagrams gather (`pump.RECEIVE_NAP`)."""
     drops: dict[str, int] = field(default_factory=dict)
     """Datagrams dropped by reason (`vmcast.protocol.DropReason` values)."""
     corrupt_blocks: int = 0
@@ -296,7 +292,6 @@ class ReceiveResult:
             "datagrams": self.datagrams,
             "gro": self.gro,
             "coalesced": self.coalesced,
-            "naps": self.naps,
             "duplicates": self.duplicates,
             "drops": dict(self.drops),
             "corrupt_blocks": self.corrupt_blocks,
@@ -460,7 +455,7 @@ async def _start(run: _Run, nursery: trio.Nursery, resources: AsyncExitStack, ou
     log.info("joined %s:%d on %s, receive buffer %d bytes, UDP GRO %s", group, port, interface, group_socket.rcvbuf, gro)
     assembly = Assembly(cookie=source.cookie, checkpoint=source.plan.checkpoint)
     pump = Pump(sock=group_socket.sock, assembly=assembly, open_target=source.open_target, expected=source.expected, repairs=run.repairs, gro=group_socket.gro,
-                carousel_port=source.lease.carousel_port if source.lease is not None else None, on_phase=run.need.follower(), nap=request.nap)
+                carousel_port=source.lease.carousel_port if source.lease is not None else None, on_phase=run.need.follower())
     run.pump = pump
     lease = source.lease
     fallback = lease is not None and request.fallback_after is not None
@@ -648,7 +643,6 @@ async def _run_pump(run: _Run, group_socket: GroupSocket, outcome: _Outcome, can
                 datagrams=result.datagrams,
                 gro=group_socket.gro,
                 coalesced=result.coalesced,
-                naps=result.naps,
                 duplicates=result.duplicates,
                 drops=result.drops,
                 corrupt_blocks=result.corrupt_blocks,

@@ -18,14 +18,6 @@ DEFAULT_FALLBACK_AFTER = 10.0
 # page-cache flush): 64 MiB is ~0.27 s at 2 Gbit/s, longer than any such pause we measured.
 RECEIVE_BUFFER = 64 << 20
 
-# When a receive finds the socket empty, the loop sleeps this long before it waits for the next datagram, so
-# that the datagrams of a paced link gather and one wake-up takes them all. Woken for each datagram, as a
-# blocking receive is, a receiver of a 300 Mbit/s link (~26,000 datagrams a second) spent ~6 CPU-s per GiB
-# in the kernel's wake-ups alone (a bare receive loop, measured on the namespace test bed); waking every
-# millisecond (~26 datagrams queued), ~1.5. A link faster than the receiver never lets the socket run dry,
-# so it never naps. 1 ms of data at 10 Gbit/s is 1.25 MB: well inside the socket's buffer (`RECEIVE_BUFFER`).
-RECEIVE_NAP = 0.001
-
 STATE_SUFFIX = ".vmcast.json"
 """The state file is the output's path plus this (the name ``vmcast register`` looks for)."""
 

@@ -100,7 +100,6 @@ from vmcast.protocol import (
     StreamMetadata,
 )
 
-from .defaults import RECEIVE_NAP
 from .errors import StreamBroken
 from .hashing import Sha1Cursor
 from .multicast import SOL_UDP, UDP_GRO, kernel_drops
@@ -144,7 +143,6 @@ MAX_BLOCK_SIZE = 64 << 20
 # timeout: at ~5 µs a datagram that is every ~80 µs while data flows, and one clock read per 16 datagrams.
 TICK_EVERY = 16
 
-
 # Blocks fetched by HTTP wait for the pump in a queue of at most this many (the fetcher waits when it is
 # full): 16 MiB at the usual 1 MiB blocks.
 MAX_QUEUED_BLOCKS = 16
@@ -178,8 +176,6 @@ class PumpResult:
     """Datagrams read from the socket, ours or not (each datagram of a coalesced buffer counts)."""
     coalesced: int
     """Receives that returned several datagrams in one buffer (UDP GRO)."""
-    naps: int
-    """Times the socket ran dry and the loop slept `RECEIVE_NAP` to let datagrams gather."""
     duplicates: int
     """Data frames of bytes we already held."""
     drops: dict[str, int]
@@ -241,15 +237,11 @@ class Pump:
     coalesced buffer is split into its datagrams. It must be True for a socket with GRO on, or coalesced
     buffers would be taken for single (misaligned) datagrams and dropped; for one without it, True works too,
     at the cost of ``recvmsg``. `buffer_size`: of the receive buffer; anything smaller than the default can
-    truncate a receive (what did not fit is counted in `truncated` and dropped). `nap`: seconds to sleep when
-    the socket runs dry before waiting for the next datagram (`RECEIVE_NAP`; 0: wake for each datagram).
+    truncate a receive (what did not fit is counted in `truncated` and dropped).
     """
 
-    def __init__(self, *, sock: socket.socket, assembly: Assembly, open_target: Callable[[StreamMetadata], Target], expected: bytes | None = None, repairs: Repairs | None = None, stage_size: int = STAGE_SIZE, gro: bool = False, buffer_size: int = RECEIVE_BUFFER_SIZE, carousel_port: int | None = None, on_phase: Callable[[Phase], None] | None = None, nap: float = RECEIVE_NAP) -> None:
-        if not 0 <= nap <= 1:
-            raise ValueError(f"nap must be within 0..1 seconds, not {nap!r}")
+    def __init__(self, *, sock: socket.socket, assembly: Assembly, open_target: Callable[[StreamMetadata], Target], expected: bytes | None = None, repairs: Repairs | None = None, stage_size: int = STAGE_SIZE, gro: bool = False, buffer_size: int = RECEIVE_BUFFER_SIZE, carousel_port: int | None = None, on_phase: Callable[[Phase], None] | None = None) -> None:
         self.assembly = assembly
-        self._nap = nap
         self._carousel_port = carousel_port
         self._gro = gro
         self._buffer_size = buffer_size
@@ -279,8 +271,6 @@ class Pump:
         self.datagrams = 0
         self.coalesced = 0
         """Receives that returned more than one datagram (UDP GRO)."""
-        self.naps = 0
-        """Times the loop found the socket empty and slept `nap` seconds to let datagrams gather."""
         self.truncated = 0
         """Receives whose buffer or control message did not fit (never seen; what did not fit is dropped)."""
         self.metadata_frames = 0
@@ -371,7 +361,6 @@ class Pump:
                 cpu_seconds=time.thread_time() - self._cpu_started_at,
                 datagrams=self.datagrams,
                 coalesced=self.coalesced,
-                naps=self.naps,
                 duplicates=assembly.duplicates,
                 drops={reason.value: count for reason, count in assembly.drops.items()},
                 corrupt_blocks=assembly.corrupt_blocks,
@@ -436,11 +425,6 @@ class Pump:
         count = 0
         next_tick = TICK_EVERY
         monotonic = time.monotonic
-        nap, sleep = self._nap, time.sleep
-        # Flags of the next receive: 0 waits (up to SO_RCVTIMEO) for a datagram; after one, MSG_DONTWAIT takes
-        # what else is queued and tells, by BlockingIOError, that the socket ran dry (then: nap, and wait again).
-        draining = socket.MSG_DONTWAIT if nap else 0
-        receive_flags = 0
 
         def flush() -> None:
             nonlocal stage_start, stage_fill
@@ -467,7 +451,7 @@ class Pump:
                 try:
                     if gro:
                         # The source address comes with every recvmsg at no extra cost, and covers up to 45 frames.
-                        size, ancillary, flags, source = recvmsg_into(buffers, ANCILLARY_SIZE, receive_flags)
+                        size, ancillary, flags, source = recvmsg_into(buffers, ANCILLARY_SIZE)
                         port = source[1]
                         segment = _segment_size(ancillary, size) if ancillary else size
                         if flags & TRUNCATED:
@@ -475,24 +459,17 @@ class Pump:
                             if not size:
                                 continue
                     elif following and (carousel_port is None or not count & sample_mask):
-                        size, source = recvfrom_into(buffer, 0, receive_flags)
+                        size, source = recvfrom_into(buffer)
                         port = source[1]
                         segment = size
                     else:
-                        size = segment = recv_into(buffer, 0, receive_flags)
+                        size = segment = recv_into(buffer)
                         port = -1
                 except (BlockingIOError, InterruptedError):
-                    if receive_flags:
-                        # Ran dry: let the next datagrams gather, then wait for them (see `defaults.RECEIVE_NAP`).
-                        receive_flags = 0
-                        self.naps += 1
-                        sleep(nap)
-                        continue
                     # SO_RCVTIMEO expired: look at the stop flag, and keep house while nothing arrives
                     if housekeeping():
                         return
                     continue
-                receive_flags = draining
                 if count >= next_tick:
                     next_tick = count + TICK_EVERY
                     if housekeeping():

@@ -1,6 +1,5 @@
-"""How the pump takes datagrams from the socket. UDP GRO: a sender's GSO batches arrive as one buffer per
-batch, and the receiver cuts them into their datagrams (`vmcast.receiver.pump`). The nap: a paced stream's
-datagrams gather while the pump sleeps, and one wake-up takes several.
+"""UDP GRO on the receiving socket: a sender's GSO batches arrive as one buffer per batch, and the receiver
+cuts them into their datagrams (`vmcast.receiver.pump`).
 
 Real loopback multicast: batches are sent with ``sendmsg`` and a ``UDP_SEGMENT`` control message, as
 `vmcast.server.sender` sends them; loopback hands a GRO socket each batch whole, and a socket without GRO its
@@ -19,7 +18,6 @@ import pytest
 import trio
 from vmcast.protocol import HEADER_SIZE, Assembly, DropReason, encode_data, manifest_of
 from vmcast.protocol.carousel import Carousel, SendMetadata
-from vmcast.receiver.defaults import RECEIVE_NAP
 from vmcast.receiver.agent import FromGroup, FromServer, ReceiveRequest, receive
 from vmcast.receiver.multicast import UDP_GRO, enable_gro, open_group_socket
 from vmcast.receiver.pump import Pump
@@ -63,15 +61,13 @@ class OneShot:
     def frames(self) -> list[bytes]:
         return [encode_data(self.cookie, offset, self.data[offset : offset + FRAME]) for offset in range(0, len(self.data), FRAME)]
 
-    def send(self, batches: list[list[bytes]], pause: float = 0.0) -> None:
+    def send(self, batches: list[list[bytes]]) -> None:
         destination = (self.group, self.port)
         with multicast_sender_socket() as sock:
             for datagram in self.metadata:
                 send_batch(sock, [datagram], destination)
             for batch in batches:
                 send_batch(sock, batch, destination)
-                if pause:
-                    time.sleep(pause)  # a paced link: the next datagram comes a little later
                 if len(batch) > 1:
                     self.batches += 1
                     if len(batch[-1]) < len(batch[0]):
@@ -79,17 +75,17 @@ class OneShot:
             for datagram in self.metadata:
                 send_batch(sock, [datagram], destination)
 
-    def request(self, output, *, gro: bool, nap: float = RECEIVE_NAP) -> ReceiveRequest:
+    def request(self, output, *, gro: bool) -> ReceiveRequest:
         source = FromGroup(group=self.group, port=self.port, cookie=self.cookie)
         # No HTTP, no second loop: what the batches carried is all the receiver gets.
-        return ReceiveRequest(source=source, output=str(output), interface=LOOPBACK, timeout=TIMEOUT, gro=gro, fallback_after=None, nap=nap)
+        return ReceiveRequest(source=source, output=str(output), interface=LOOPBACK, timeout=TIMEOUT, gro=gro, fallback_after=None)
 
 
 def batches_of(frames: list[bytes], size: int = BATCH) -> list[list[bytes]]:
     return [frames[start : start + size] for start in range(0, len(frames), size)]
 
 
-async def receive_while_sending(sender: OneShot, request: ReceiveRequest, batches: list[list[bytes]], pause: float = 0.0):
+async def receive_while_sending(sender: OneShot, request: ReceiveRequest, batches: list[list[bytes]]):
     async with trio.open_nursery() as nursery:
         outcome = []
 
@@ -97,7 +93,7 @@ async def receive_while_sending(sender: OneShot, request: ReceiveRequest, batche
             outcome.append(await receive(request, task_status=task_status))
 
         await nursery.start(run)  # joined: nothing sent from now on can be missed
-        await trio.to_thread.run_sync(sender.send, batches, pause)
+        await trio.to_thread.run_sync(sender.send, batches)
     return outcome[0]
 
 
@@ -229,21 +225,3 @@ def test_a_receive_too_large_for_the_buffer_keeps_its_whole_datagrams_and_drops_
     written = output.read_bytes()
     assert all(written[offset : offset + FRAME] == data[offset : offset + FRAME] for offset in kept)
     pump.target.close()
-
-
-@pytest.mark.parametrize("nap", [RECEIVE_NAP, 0.0], ids=["nap", "no-nap"])
-async def test_a_paced_stream_is_taken_several_datagrams_per_wake_up_and_whole(nap, tmp_path):
-    data = os.urandom(1 << 20)
-    sender = OneShot(data)
-    frames = sender.frames
-    # One datagram every ~0.1 ms (a 100 Mbit/s link): the socket runs dry between them.
-    result = await receive_while_sending(sender, sender.request(tmp_path / "out.raw", gro=True, nap=nap), batches_of(frames, 1), pause=0.0001)
-    assert result.sha1 == sender.manifest.sha1
-    assert (tmp_path / "out.raw").read_bytes() == data
-    assert result.duplicates == 0 and result.drops == {}
-    if nap:
-        # Every nap ends in one wake-up for what gathered meanwhile: fewer naps than half the datagrams means
-        # more than two datagrams per wake-up on average (~10 at this pace with a 1 ms nap).
-        assert 0 < result.naps < len(frames) / 2
-    else:
-        assert result.naps == 0
