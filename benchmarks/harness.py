@@ -120,7 +120,7 @@ class HarnessSettings:
     vmcast_serve_args: list[str] = dataclasses.field(default_factory=list)
     """Appended to ``vmcast serve`` verbatim (e.g. ``--no-fec``)."""
     vmcast_receive_args: list[str] = dataclasses.field(default_factory=list)
-    """Appended to every ``vmcast receive`` verbatim (e.g. ``--nap 0``)."""
+    """Appended to every ``vmcast receive`` verbatim (e.g. ``--no-gro``)."""
     image_cache_dir: Path = IMAGE_CACHE_DIR
     work_dir: Path | None = None
     plot: bool = True
@@ -648,7 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vmcast-serve-args", type=shlex.split, default=[], metavar="ARGS",
                         help="more options for vmcast serve, one quoted string, e.g. '--no-fec'")
     parser.add_argument("--vmcast-receive-args", type=shlex.split, default=[], metavar="ARGS",
-                        help="more options for every vmcast receive, one quoted string, e.g. '--nap 0'")
+                        help="more options for every vmcast receive, one quoted string, e.g. '--no-gro'")
     parser.add_argument("--image-cache", type=Path, default=IMAGE_CACHE_DIR)
     parser.add_argument("--work-dir", type=Path, help="scratch for received copies (default /var/tmp)")
     parser.add_argument("--no-plot", action="store_true")

@@ -283,7 +283,7 @@ def run_vmcast(
     runs of one image to spare re-hashing it; by default a fresh one in the work directory. ``details``:
     a :class:`VmcastDetails` to fill in (receiver JSON summaries, drops, CPU split, stream counters).
     ``extra_server_args`` / ``extra_receive_args``: appended to every ``vmcast serve`` / ``vmcast receive``
-    command line (e.g. ``--no-fec``, ``--nap 0``: one build, compared with and without an option).
+    command line (e.g. ``--no-fec``, ``--no-gro``: one build, compared with and without an option).
     ``receivers_wait``: start the receivers before the clock, waiting for the stream, and start it at the
     clock as an operator (see the module docstring).
 
