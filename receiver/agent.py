@@ -156,6 +156,8 @@ class ReceiveRequest:
     gro: bool = True
     """Ask the kernel for UDP GRO (several datagrams per receive); without it, or where the kernel refuses,
     one datagram per receive."""
+    batch: bool = True
+    """With GRO on, where the link coalesces few datagrams, take up to 64 per receive with recvmmsg."""
     fallback_after: float | None = DEFAULT_FALLBACK_AFTER
     """Server mode: seconds without anything of the stream by multicast before fetching the image by HTTP;
     None: never fetch by HTTP (not even the end game)."""
@@ -200,6 +202,8 @@ class ReceiveResult:
     """UDP GRO was on: a receive could return several datagrams."""
     coalesced: int = 0
     """Receives that returned several datagrams in one buffer (UDP GRO)."""
+    batched: int = 0
+    """recvmmsg receives that returned several datagrams (where the link did not coalesce)."""
     drops: dict[str, int] = field(default_factory=dict)
     """Datagrams dropped by reason (`vmcast.protocol.DropReason` values)."""
     corrupt_blocks: int = 0
@@ -292,6 +296,7 @@ class ReceiveResult:
             "datagrams": self.datagrams,
             "gro": self.gro,
             "coalesced": self.coalesced,
+            "batched": self.batched,
             "duplicates": self.duplicates,
             "drops": dict(self.drops),
             "corrupt_blocks": self.corrupt_blocks,
@@ -455,7 +460,7 @@ async def _start(run: _Run, nursery: trio.Nursery, resources: AsyncExitStack, ou
     log.info("joined %s:%d on %s, receive buffer %d bytes, UDP GRO %s", group, port, interface, group_socket.rcvbuf, gro)
     assembly = Assembly(cookie=source.cookie, checkpoint=source.plan.checkpoint)
     pump = Pump(sock=group_socket.sock, assembly=assembly, open_target=source.open_target, expected=source.expected, repairs=run.repairs, gro=group_socket.gro,
-                carousel_port=source.lease.carousel_port if source.lease is not None else None, on_phase=run.need.follower())
+                carousel_port=source.lease.carousel_port if source.lease is not None else None, on_phase=run.need.follower(), batch=request.batch)
     run.pump = pump
     lease = source.lease
     fallback = lease is not None and request.fallback_after is not None
@@ -643,6 +648,7 @@ async def _run_pump(run: _Run, group_socket: GroupSocket, outcome: _Outcome, can
                 datagrams=result.datagrams,
                 gro=group_socket.gro,
                 coalesced=result.coalesced,
+                batched=result.batched,
                 duplicates=result.duplicates,
                 drops=result.drops,
                 corrupt_blocks=result.corrupt_blocks,

@@ -89,6 +89,7 @@ def receive(
     max_wait: Annotated[float | None, typer.Option(min=0.001, help="With --min-receivers: the stream starts anyway after this many seconds (default: the server's, 30).", show_default=False)] = None,
     wait_for_stream: Annotated[float | None, typer.Option(min=0.001, metavar="SECONDS", help="With a server: start no stream; wait up to this many seconds for one of IMAGE to be started (by vmcast stream start, another receiver, or POST /v1/streams), then join it; exit 6 if none starts. Start receivers first and the stream after, like udp-receiver before udp-sender: e.g. every receiver with --wait-for-stream 600, then vmcast stream start IMAGE --min-receivers N.", show_default=False)] = None,
     no_gro: Annotated[bool, typer.Option("--no-gro", help="Do not ask the kernel for UDP GRO: one datagram per receive system call instead of up to 64 KiB of them (for comparison; GRO is off by itself where the kernel lacks it).")] = False,
+    no_batch: Annotated[bool, typer.Option("--no-batch", help="Keep one receive system call per datagram where the link does not coalesce them (a rate-limited link, a NIC without GRO); by default the receiver then takes up to 64 queued datagrams per call (recvmmsg) and whole runs of frames in one step (for comparison).")] = False,
     rcvbuf: Annotated[str, typer.Option(help="Socket receive buffer to ask for, in bytes; suffixes k, m, g (powers of 1024). Linux doubles it for its bookkeeping; without root it is capped at net.core.rmem_max. A larger buffer rides out longer pauses of the receiver without losing datagrams.")] = f"{RECEIVE_BUFFER >> 20}m",
     force: Annotated[bool, typer.Option("--force", help="Write a block device that is in use, or overwrite a non-empty file that is not an earlier receive of this image.")] = False,
     register: Annotated[str | None, typer.Option(help=f"After a verified receive, register the image in this cloud: {' or '.join(CLOUDS)} (as vmcast register does; the lease is released first). A failure keeps the verified file: retry with vmcast register OUTPUT --glance|--ec2.", show_default=False)] = None,
@@ -132,7 +133,7 @@ def receive(
         output=output, image=image, server=server, image_format=image_format, group=group, port=port, cookie=cookie,
         interface=interface, timeout=timeout, force=force, fallback_after=None if no_fallback else fallback_after,
         no_repair=no_repair, rcvbuf=rcvbuf, gro=not no_gro, min_receivers=min_receivers, max_wait=max_wait,
-        wait_for_stream=wait_for_stream,
+        wait_for_stream=wait_for_stream, batch=not no_batch,
     )  # fmt: skip
     registration = _registration(register=register, name=name, visibility=visibility, os_cloud=os_cloud, region=region)
     code = run(request, as_json=as_json, registration=registration)
@@ -313,6 +314,7 @@ def _request(
     *, output: str, image: str | None, server: str | None, image_format: str | None, group: str | None, port: int | None,
     cookie: str | None, interface: str | None, timeout: float, force: bool, fallback_after: float | None, no_repair: bool, rcvbuf: str,
     gro: bool = True, min_receivers: int | None = None, max_wait: float | None = None, wait_for_stream: float | None = None,
+    batch: bool = True,
 ) -> ReceiveRequest:  # fmt: skip
     """Check the options' combinations and turn them into a request; a bad one is a usage error (exit 2)."""
     # Here, not at the top: see "Imports" above.
@@ -367,7 +369,7 @@ def _request(
         raise typer.BadParameter(f"{rcvbuf!r}: between 4k and 2g", param_hint="--rcvbuf")
     return ReceiveRequest(
         source=source, output=output, interface=interface, timeout=timeout, force=force, rcvbuf=receive_buffer,
-        repair=not no_repair, fallback_after=fallback_after, gro=gro,
+        repair=not no_repair, fallback_after=fallback_after, gro=gro, batch=batch,
     )  # fmt: skip
 
 

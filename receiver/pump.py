@@ -13,6 +13,15 @@ A buffer without the control message is one datagram (a sender without GSO, a me
 (``--no-gro``, an old kernel) ``recv_into`` reads one datagram per call. The buffer is reused by the next
 receive: every payload is copied into the stage (below) before that, and nothing else keeps a view of it.
 
+Batching: GRO coalesces only what the device hands over together; a rate-limited link (tbf, a switch port
+slower than the sender) hands over one datagram at a time, and then each costs a receive and a trip through
+the assembly. The loop judges the link on its first `BATCH_JUDGED_AFTER` receives of whole frames: where few
+came coalesced it turns GRO off and receives with ``recvmmsg`` (`batch_receive.DatagramBatch`): one call takes
+every datagram queued (up to 64) into slots laid end to end, and each run of whole frames from one source port
+reads like a coalesced buffer (`Assembly.receive_run`); the rest go one by one. It pays when the loop falls
+behind (shared cores, a parity decode): the further behind, the more one call takes. ``--no-batch`` keeps one
+receive per datagram.
+
 Writes: new bytes that follow the previous ones are copied into a staging buffer (`STAGE_SIZE`) and written
 with one `os.pwrite` per flush. The stage is flushed when a payload does not follow on (a gap, a late
 joiner's wrap-around), when it is full, before a block is read back, and at the end.
@@ -100,6 +109,7 @@ from vmcast.protocol import (
     StreamMetadata,
 )
 
+from .batch_receive import SLOTS, DatagramBatch
 from .errors import StreamBroken
 from .hashing import Sha1Cursor
 from .multicast import SOL_UDP, UDP_GRO, kernel_drops
@@ -143,6 +153,14 @@ MAX_BLOCK_SIZE = 64 << 20
 # timeout: at ~5 µs a datagram that is every ~80 µs while data flows, and one clock read per 16 datagrams.
 TICK_EVERY = 16
 
+# With UDP GRO on, the first this many receives of whole frames tell whether the link coalesces; where fewer
+# than one in BATCH_WHEN_COALESCED_BELOW came coalesced (a rate-limited link hands the kernel one packet at a
+# time), the pump turns GRO off and takes datagrams with recvmmsg (`batch_receive`) from then on: ~1,000
+# frames are 40 ms of a 300 Mbit/s link. Where the link coalesces (loopback, a NIC doing GRO), GRO stays: one
+# buffer per sender batch costs the kernel less than a datagram each.
+BATCH_JUDGED_AFTER = 1024
+BATCH_WHEN_COALESCED_BELOW = 8
+
 # Blocks fetched by HTTP wait for the pump in a queue of at most this many (the fetcher waits when it is
 # full): 16 MiB at the usual 1 MiB blocks.
 MAX_QUEUED_BLOCKS = 16
@@ -176,6 +194,8 @@ class PumpResult:
     """Datagrams read from the socket, ours or not (each datagram of a coalesced buffer counts)."""
     coalesced: int
     """Receives that returned several datagrams in one buffer (UDP GRO)."""
+    batched: int
+    """recvmmsg receives that returned several datagrams (the link did not coalesce: `BATCH_JUDGED_AFTER`)."""
     duplicates: int
     """Data frames of bytes we already held."""
     drops: dict[str, int]
@@ -237,11 +257,13 @@ class Pump:
     coalesced buffer is split into its datagrams. It must be True for a socket with GRO on, or coalesced
     buffers would be taken for single (misaligned) datagrams and dropped; for one without it, True works too,
     at the cost of ``recvmsg``. `buffer_size`: of the receive buffer; anything smaller than the default can
-    truncate a receive (what did not fit is counted in `truncated` and dropped).
+    truncate a receive (what did not fit is counted in `truncated` and dropped). `batch`: with GRO on, turn to
+    recvmmsg where the link does not coalesce (`BATCH_JUDGED_AFTER`); False keeps one receive per datagram.
     """
 
-    def __init__(self, *, sock: socket.socket, assembly: Assembly, open_target: Callable[[StreamMetadata], Target], expected: bytes | None = None, repairs: Repairs | None = None, stage_size: int = STAGE_SIZE, gro: bool = False, buffer_size: int = RECEIVE_BUFFER_SIZE, carousel_port: int | None = None, on_phase: Callable[[Phase], None] | None = None) -> None:
+    def __init__(self, *, sock: socket.socket, assembly: Assembly, open_target: Callable[[StreamMetadata], Target], expected: bytes | None = None, repairs: Repairs | None = None, stage_size: int = STAGE_SIZE, gro: bool = False, buffer_size: int = RECEIVE_BUFFER_SIZE, carousel_port: int | None = None, on_phase: Callable[[Phase], None] | None = None, batch: bool = True) -> None:
         self.assembly = assembly
+        self._batch = batch
         self._carousel_port = carousel_port
         self._gro = gro
         self._buffer_size = buffer_size
@@ -271,6 +293,8 @@ class Pump:
         self.datagrams = 0
         self.coalesced = 0
         """Receives that returned more than one datagram (UDP GRO)."""
+        self.batched = 0
+        """recvmmsg receives that returned more than one datagram (after the turn to batching)."""
         self.truncated = 0
         """Receives whose buffer or control message did not fit (never seen; what did not fit is dropped)."""
         self.metadata_frames = 0
@@ -361,6 +385,7 @@ class Pump:
                 cpu_seconds=time.thread_time() - self._cpu_started_at,
                 datagrams=self.datagrams,
                 coalesced=self.coalesced,
+                batched=self.batched,
                 duplicates=assembly.duplicates,
                 drops={reason.value: count for reason, count in assembly.drops.items()},
                 corrupt_blocks=assembly.corrupt_blocks,
@@ -444,8 +469,163 @@ class Pump:
                 repairs.poll(monotonic())
             return False
 
+        # Batching (module docstring, "Receiving"): with GRO on, whether the link coalesces is judged on the first
+        # BATCH_JUDGED_AFTER receives of whole frames; where it rarely does, recvmmsg takes over (`DatagramBatch`).
+        batch: DatagramBatch | None = None
+        slots = view
+        judging = gro and self._batch
+        full_size = -1  # a whole data frame's datagram, once the layout is known
+        coalesced_seen = single_seen = 0
+
+        def take(datagrams: memoryview | bytes, size: int, segment: int, port: int) -> bool:
+            """The datagrams of one receive (`size` bytes, `segment` each, the last may be shorter; one datagram
+            when they are equal), from source `port`; True once the image is verified."""
+            nonlocal stage_start, stage_end, stage_fill, count, carousel_port, observe, frame_size, repairs
+            if segment < size:
+                run = receive_run(datagrams, segment)
+                if run is not None:
+                    # The common case, whole: consecutive new frames (`Assembly.receive_run`).
+                    count += run.count
+                    offset, frame_length = run.offset, segment - HEADER_SIZE
+                    length = run.count * frame_length
+                    if offset != stage_end or stage_fill + length > capacity:
+                        flush()
+                        stage_start = stage_end = offset
+                    for start in range(HEADER_SIZE, size, segment):
+                        stage[stage_fill : stage_fill + frame_length] = datagrams[start : start + frame_length]
+                        stage_fill += frame_length
+                    stage_end += length
+                    mismatches = self._image_mismatches
+                    for block in run.completed_blocks:
+                        flush()
+                        self._check_block(block)
+                        if self._verified_sha1 is not None:
+                            return True
+                        if self._image_mismatches != mismatches:
+                            break  # the image was forgotten: the other block is no longer complete
+                    if port == carousel_port:
+                        observe(stage_end // frame_size - 1)
+                    return False
+                starts = range(0, size, segment)
+            else:
+                starts = one_datagram
+            count += len(starts)
+            head = -1  # the last carousel position in this receive (one observation covers them all)
+            for start in starts:
+                event = receive(datagrams[start : start + segment])
+                kind = event.__class__
+                if kind is DataReceived:
+                    head = offset = event.offset
+                    payload = event.payload
+                    length = len(payload)
+                    if offset != stage_end or stage_fill + length > capacity:
+                        flush()
+                        stage_start = stage_end = offset
+                    # Copied now: the receive buffer is reused by the next receive.
+                    stage[stage_fill : stage_fill + length] = payload
+                    stage_fill += length
+                    stage_end += length
+                    if event.completed_block is not None:
+                        flush()
+                        self._check_block(event.completed_block)
+                        if self._verified_sha1 is not None:
+                            return True
+                    elif event.decodable_block is not None:  # parity came first; this frame completes it
+                        flush()
+                        self._recover_block(event.decodable_block)
+                        if self._verified_sha1 is not None:
+                            return True
+                elif kind is Duplicate:
+                    head = event.offset
+                elif kind is ParityReceived:  # a repair frame: it says nothing of the carousel's position
+                    self.parity_frames += 1
+                    if event.decodable:
+                        flush()  # the block is read back as written: its staged frames first
+                        self._recover_block(event.block)
+                        if self._verified_sha1 is not None:
+                            return True
+                elif kind is MetadataReceived:
+                    self.metadata_frames += 1
+                    if self._confirm_expected:
+                        self._confirm(event.metadata)
+                    if event.first_metadata:
+                        self._first_metadata(event.metadata)
+                    if following and port >= 0:
+                        repairs = self._repairs_or_none()  # started now if the layout just became known
+                        if repairs is not None and repairs.planner is not None:
+                            if carousel_port is None:
+                                log.info("carousel frames come from port %d; repair requests %s", port, "on" if repairs.asks else "off")
+                            elif carousel_port != port:
+                                log.info("carousel frames now come from port %d, not %d (the sender restarted?)", port, carousel_port)
+                            carousel_port, observe = port, repairs.planner.observe_carousel
+                            frame_size = assembly.layout.frame_size
+                            if event.metadata.rest:
+                                repairs.planner.observe_rest()
+                                self.rest_frames += 1
+                    if event.zero_blocks:
+                        flush()  # staged bytes of those blocks must not land on the zeros afterwards
+                        self._zero_blocks(event.zero_blocks)
+                    if event.zero_frames:
+                        flush()  # before the blocks they complete (in blocks_to_check) are read back
+                        self._zero_frames(event.zero_frames)
+                    mismatches = self._image_mismatches
+                    if event.blocks_to_check:
+                        flush()
+                        for block in event.blocks_to_check:
+                            self._check_block(block)
+                            if self._verified_sha1 is not None:
+                                return True
+                            if self._image_mismatches != mismatches:
+                                break  # the image was forgotten: the other blocks are no longer complete
+                    for block in event.blocks_to_recover:  # zero frames made them decodable with parity held
+                        if self._image_mismatches != mismatches:
+                            break  # the image was forgotten, parity with it
+                        flush()
+                        self._recover_block(block)
+                        if self._verified_sha1 is not None:
+                            return True
+                    if assembly.state is AssemblyState.VERIFYING_IMAGE:
+                        self._finish_image()  # an empty image: verified by its metadata alone
+                        if self._verified_sha1 is not None:
+                            return True
+                elif kind is StreamFailed:
+                    raise StreamBroken(reason=f"the stream failed: {event.error}")
+            if head >= 0 and port == carousel_port:
+                observe(head // frame_size)
+            return False
+
         try:
             while not self._stop:
+                if batch is not None:
+                    # Up to SLOTS datagrams at once; runs of whole frames from one port go in one step.
+                    try:
+                        received = batch.receive()
+                    except (BlockingIOError, InterruptedError):
+                        if housekeeping():
+                            return
+                        continue
+                    if count >= next_tick:
+                        next_tick = count + TICK_EVERY
+                        if housekeeping():
+                            return
+                    if received > 1:
+                        self.batched += 1
+                    lengths, ports = batch.lengths(received), batch.ports(received)
+                    index = 0
+                    while index < received:
+                        port = ports[index]
+                        end = index + 1
+                        if lengths[index] == full_size:
+                            while end < received and lengths[end] == full_size and ports[end] == port:
+                                end += 1
+                        if end - index > 1:
+                            size = (end - index) * full_size
+                            if take(slots[index * full_size : end * full_size], size, full_size, port):
+                                return
+                        elif take(batch.datagram(index), lengths[index], lengths[index], port):
+                            return
+                        index = end
+                    continue
                 # One receive: `size` bytes in `buffer`, datagrams of `segment` bytes each (the last may be
                 # shorter); without GRO, or a buffer without its control message, one datagram (segment == size).
                 try:
@@ -476,123 +656,42 @@ class Pump:
                         return
                 if segment < size:
                     self.coalesced += 1
-                    datagrams = view[:size]  # so that the last, shorter datagram's slice ends where it does
-                    run = receive_run(datagrams, segment)
-                    if run is not None:
-                        # The common case, whole: consecutive new frames (`Assembly.receive_run`).
-                        count += run.count
-                        offset, frame_length = run.offset, segment - HEADER_SIZE
-                        length = run.count * frame_length
-                        if offset != stage_end or stage_fill + length > capacity:
-                            flush()
-                            stage_start = stage_end = offset
-                        for start in range(HEADER_SIZE, size, segment):
-                            stage[stage_fill : stage_fill + frame_length] = datagrams[start : start + frame_length]
-                            stage_fill += frame_length
-                        stage_end += length
-                        mismatches = self._image_mismatches
-                        for block in run.completed_blocks:
-                            flush()
-                            self._check_block(block)
-                            if self._verified_sha1 is not None:
-                                return
-                            if self._image_mismatches != mismatches:
-                                break  # the image was forgotten: the other block is no longer complete
-                        if port == carousel_port:
-                            observe(stage_end // frame_size - 1)
-                        continue
-                    starts = range(0, size, segment)
-                else:
-                    datagrams = view
-                    starts = one_datagram
-                count += len(starts)
-                head = -1  # the last carousel position in this receive (one observation covers them all)
-                for start in starts:
-                    event = receive(datagrams[start : start + segment])
-                    kind = event.__class__
-                    if kind is DataReceived:
-                        head = offset = event.offset
-                        payload = event.payload
-                        length = len(payload)
-                        if offset != stage_end or stage_fill + length > capacity:
-                            flush()
-                            stage_start = stage_end = offset
-                        # Copied now: the receive buffer is reused by the next receive.
-                        stage[stage_fill : stage_fill + length] = payload
-                        stage_fill += length
-                        stage_end += length
-                        if event.completed_block is not None:
-                            flush()
-                            self._check_block(event.completed_block)
-                            if self._verified_sha1 is not None:
-                                return
-                        elif event.decodable_block is not None:  # parity came first; this frame completes it
-                            flush()
-                            self._recover_block(event.decodable_block)
-                            if self._verified_sha1 is not None:
-                                return
-                    elif kind is Duplicate:
-                        head = event.offset
-                    elif kind is ParityReceived:  # a repair frame: it says nothing of the carousel's position
-                        self.parity_frames += 1
-                        if event.decodable:
-                            flush()  # the block is read back as written: its staged frames first
-                            self._recover_block(event.block)
-                            if self._verified_sha1 is not None:
-                                return
-                    elif kind is MetadataReceived:
-                        self.metadata_frames += 1
-                        if self._confirm_expected:
-                            self._confirm(event.metadata)
-                        if event.first_metadata:
-                            self._first_metadata(event.metadata)
-                        if following and port >= 0:
-                            repairs = self._repairs_or_none()  # started now if the layout just became known
-                            if repairs is not None and repairs.planner is not None:
-                                if carousel_port is None:
-                                    log.info("carousel frames come from port %d; repair requests %s", port, "on" if repairs.asks else "off")
-                                elif carousel_port != port:
-                                    log.info("carousel frames now come from port %d, not %d (the sender restarted?)", port, carousel_port)
-                                carousel_port, observe = port, repairs.planner.observe_carousel
-                                frame_size = assembly.layout.frame_size
-                                if event.metadata.rest:
-                                    repairs.planner.observe_rest()
-                                    self.rest_frames += 1
-                        if event.zero_blocks:
-                            flush()  # staged bytes of those blocks must not land on the zeros afterwards
-                            self._zero_blocks(event.zero_blocks)
-                        if event.zero_frames:
-                            flush()  # before the blocks they complete (in blocks_to_check) are read back
-                            self._zero_frames(event.zero_frames)
-                        mismatches = self._image_mismatches
-                        if event.blocks_to_check:
-                            flush()
-                            for block in event.blocks_to_check:
-                                self._check_block(block)
-                                if self._verified_sha1 is not None:
-                                    return
-                                if self._image_mismatches != mismatches:
-                                    break  # the image was forgotten: the other blocks are no longer complete
-                        for block in event.blocks_to_recover:  # zero frames made them decodable with parity held
-                            if self._image_mismatches != mismatches:
-                                break  # the image was forgotten, parity with it
-                            flush()
-                            self._recover_block(block)
-                            if self._verified_sha1 is not None:
-                                return
-                        if assembly.state is AssemblyState.VERIFYING_IMAGE:
-                            self._finish_image()  # an empty image: verified by its metadata alone
-                            if self._verified_sha1 is not None:
-                                return
-                    elif kind is StreamFailed:
-                        raise StreamBroken(reason=f"the stream failed: {event.error}")
-                if head >= 0 and port == carousel_port:
-                    observe(head // frame_size)
+                    if take(view[:size], size, segment, port):  # cut at size: the last datagram may be shorter
+                        return
+                elif take(view, size, size, port):
+                    return
+                if judging:
+                    # Does the link coalesce? Judged on whole frames (metadata never is), once the layout is known.
+                    if full_size < 0:
+                        if assembly.layout is not None:
+                            full_size = HEADER_SIZE + assembly.layout.frame_size
+                    elif segment < size:
+                        coalesced_seen += 1
+                    elif size == full_size:
+                        single_seen += 1
+                    if coalesced_seen + single_seen >= BATCH_JUDGED_AFTER:
+                        judging = False
+                        if coalesced_seen * BATCH_WHEN_COALESCED_BELOW < BATCH_JUDGED_AFTER:
+                            batch = self._start_batching(full_size, coalesced_seen)
+                            if batch is not None:
+                                slots = batch.view
             flush()
         finally:
             self.datagrams = count
-
     # -- the rare paths ------------------------------------------------------------------------------------------
+
+    def _start_batching(self, slot_size: int, coalesced: int) -> DatagramBatch | None:
+        """Turn GRO off and receive with recvmmsg from now on; None (GRO stays) where the C library cannot."""
+        try:
+            batch = DatagramBatch(self._sock, slot_size=slot_size)
+        except OSError as error:
+            log.info("the link coalesces few datagrams, but recvmmsg is not available (%s): one receive each", error)
+            return None
+        # Datagrams the kernel already queued coalesced stay so: one such buffer reads as a datagram too long to
+        # be a frame and is dropped (counted), and its frames come again. It can only be a rare one: few were.
+        self._sock.setsockopt(SOL_UDP, UDP_GRO, 0)
+        log.info("%d of the first %d receives of whole frames came coalesced: GRO off, up to %d datagrams per receive (recvmmsg)", coalesced, BATCH_JUDGED_AFTER, SLOTS)
+        return batch
 
     def _truncated(self, size: int, segment: int, flags: int) -> tuple[int, int]:
         """A receive that did not fit: keep the whole datagrams it holds, if its segment size is known."""
