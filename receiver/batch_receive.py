@@ -11,7 +11,8 @@ GRO buffer would be: `Assembly.receive_run` takes it in one step. The further be
 Layout: slot ``i`` is two buffers, scattered into by the kernel in order: ``slot_size`` bytes at
 ``i * slot_size`` of `view` (the contiguous part), then ``overflow_size`` bytes of its own for whatever
 exceeds ``slot_size`` (a metadata frame, a foreign datagram), so no datagram up to ``slot_size +
-overflow_size`` bytes is cut. `datagram(i)` gives slot ``i``'s datagram whole.
+overflow_size`` bytes is cut: none of UDP/IPv4 (`MAX_DATAGRAM`), so no receive is ever truncated.
+`datagram(i)` gives slot ``i``'s datagram whole.
 
 Python's socket module has no ``recvmmsg``; it is called from the C library with ``ctypes`` (standard library,
 no compiled code of ours), which releases the GIL for the call. The message headers live in a bytearray the
@@ -68,9 +69,8 @@ class _SockAddrIn(ctypes.Structure):
 
 _NAME_SIZE = ctypes.sizeof(_SockAddrIn)
 _HEADER_SIZE = ctypes.sizeof(_MMsgHdr)
-# Offsets, in unsigned ints, of a message's received length and flags within its header.
+# The offset, in unsigned ints, of a message's received length within its header.
 _LENGTH_WORD = _MMsgHdr.length.offset // 4
-_FLAGS_WORD = (_MMsgHdr.header.offset + _MsgHdr.flags.offset) // 4
 
 
 def _recvmmsg() -> ctypes._CFuncPtr:
@@ -146,10 +146,6 @@ class DatagramBatch:
     def length(self, index: int) -> int:
         """Bytes of slot `index`'s datagram (more than `slot_size` when it ran into the overflow)."""
         return self._words[index * (_HEADER_SIZE // 4) + _LENGTH_WORD]
-
-    def truncated(self, index: int) -> bool:
-        """Whether slot `index`'s datagram was longer than slot and overflow together (cannot happen for UDP/IPv4)."""
-        return bool(self._words[index * (_HEADER_SIZE // 4) + _FLAGS_WORD] & socket.MSG_TRUNC)
 
     def port(self, index: int) -> int:
         """The source port of slot `index`'s datagram."""

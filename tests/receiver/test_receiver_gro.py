@@ -1,5 +1,6 @@
-"""UDP GRO on the receiving socket: a sender's GSO batches arrive as one buffer per batch, and the receiver
-cuts them into their datagrams (`vmcast.receiver.pump`).
+"""How the pump takes datagrams from its socket (`vmcast.receiver.pump`). UDP GRO: a sender's GSO batches
+arrive as one buffer per batch, and the receiver cuts them into their datagrams. Batches: where the datagrams
+come one by one instead, the pump turns GRO off and takes what is queued with recvmmsg.
 
 Real loopback multicast: batches are sent with ``sendmsg`` and a ``UDP_SEGMENT`` control message, as
 `vmcast.server.sender` sends them; loopback hands a GRO socket each batch whole, and a socket without GRO its
@@ -20,7 +21,7 @@ from vmcast.protocol import HEADER_SIZE, Assembly, DropReason, encode_data, mani
 from vmcast.protocol.carousel import Carousel, SendMetadata
 from vmcast.receiver.agent import FromGroup, FromServer, ReceiveRequest, receive
 from vmcast.receiver.multicast import UDP_GRO, enable_gro, open_group_socket
-from vmcast.receiver.pump import Pump
+from vmcast.receiver.pump import BATCH_JUDGED_AFTER, Pump
 from vmcast.receiver.target import open_target
 
 from .receiver_testbed import (
@@ -75,10 +76,10 @@ class OneShot:
             for datagram in self.metadata:
                 send_batch(sock, [datagram], destination)
 
-    def request(self, output, *, gro: bool) -> ReceiveRequest:
+    def request(self, output, *, gro: bool, batch: bool = True) -> ReceiveRequest:
         source = FromGroup(group=self.group, port=self.port, cookie=self.cookie)
         # No HTTP, no second loop: what the batches carried is all the receiver gets.
-        return ReceiveRequest(source=source, output=str(output), interface=LOOPBACK, timeout=TIMEOUT, gro=gro, fallback_after=None)
+        return ReceiveRequest(source=source, output=str(output), interface=LOOPBACK, timeout=TIMEOUT, gro=gro, batch=batch, fallback_after=None)
 
 
 def batches_of(frames: list[bytes], size: int = BATCH) -> list[list[bytes]]:
@@ -225,3 +226,51 @@ def test_a_receive_too_large_for_the_buffer_keeps_its_whole_datagrams_and_drops_
     written = output.read_bytes()
     assert all(written[offset : offset + FRAME] == data[offset : offset + FRAME] for offset in kept)
     pump.target.close()
+
+
+TURNED_TO_BATCHES = "GRO off, up to"
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "no-batch"])
+async def test_datagrams_that_come_one_by_one_turn_the_receiver_to_batches_and_arrive_whole(batch, tmp_path, caplog):
+    """GRO on, but the sender sends each frame alone (as a rate-limited link hands them over): after
+    `BATCH_JUDGED_AFTER` whole frames the pump takes them with recvmmsg. Sent unpaced, they queue faster than
+    the pump takes them one by one, so receives of several come. Foreign and odd datagrams among them are
+    dropped and counted, their neighbours kept; every frame of ours was sent once, so the copy is whole only
+    if the batches lost none."""
+    data = os.urandom(4 << 20)
+    sender = OneShot(data)
+    frames = sender.frames
+    assert len(frames) > 2 * BATCH_JUDGED_AFTER
+    foreign = encode_data(b"other!!!", 0, os.urandom(FRAME))  # as long as our frames: inside a run
+    long_foreign = encode_data(b"other!!!", 0, os.urandom(3000))  # longer than a slot: into its overflow
+    singles = batches_of(frames, 1)
+    odd = [foreign, b"short", long_foreign]
+    slipped = 0
+    for position in range(len(singles) - 1, BATCH_JUDGED_AFTER + 100, -97):  # after the turn, from the end
+        singles.insert(position, [odd[slipped % 3]])
+        slipped += 1
+    with caplog.at_level("INFO", logger="vmcast.receiver"):
+        result = await receive_while_sending(sender, sender.request(tmp_path / "out.raw", gro=True, batch=batch), singles)
+    assert result.sha1 == sha1_of(data)
+    assert (tmp_path / "out.raw").read_bytes() == data
+    assert result.duplicates == 0
+    foreign_count = sum(1 for index in range(slipped) if index % 3 != 1)
+    assert result.drops == {DropReason.FOREIGN_COOKIE.value: foreign_count, DropReason.TOO_SHORT.value: slipped - foreign_count}
+    assert result.coalesced == 0
+    turned = any(TURNED_TO_BATCHES in record.getMessage() for record in caplog.records)
+    if batch:
+        assert turned and result.batched > 0
+    else:
+        assert not turned and result.batched == 0
+
+
+async def test_a_link_that_coalesces_keeps_gro(tmp_path, caplog):
+    data = os.urandom(8 << 20)  # ~6,000 frames in GSO batches: well past the judgement
+    sender = OneShot(data)
+    batches = batches_of(sender.frames)
+    with caplog.at_level("INFO", logger="vmcast.receiver"):
+        result = await receive_while_sending(sender, sender.request(tmp_path / "out.raw", gro=True), batches)
+    assert result.sha1 == sha1_of(data)
+    assert result.coalesced == len(batches) and result.batched == 0
+    assert not any(TURNED_TO_BATCHES in record.getMessage() for record in caplog.records)
