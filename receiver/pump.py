@@ -53,8 +53,9 @@ for one more. A decode costs this thread 3-6 ms (`recovery_cpu_seconds`).
 Repairs and the HTTP fallback (server mode): the loop follows the carousel for `repair.Repairs`: it compares a
 receive's source port with that of the stream's metadata frames (repair frames come from another port,
 docs/PROTOCOL.md section 7) and tells the planner the last carousel frame the receive held. With GRO every
-receive has its port (``recvmsg`` returns it anyway, and a coalesced buffer holds one flow's datagrams);
-without it, one receive in `repair.OBSERVE_EVERY` asks for it (``recvfrom_into`` costs more than
+receive has its port (``recvmsg`` returns it anyway, and a coalesced buffer holds one flow's datagrams), as
+does every datagram of a batch (runs are cut where the port changes: parity comes from the repair port);
+without either, one receive in `repair.OBSERVE_EVERY` asks for it (``recvfrom_into`` costs more than
 ``recv_into``). Every `TICK_EVERY` datagrams (looked at once per receive) and on every receive timeout, the
 loop does its housekeeping: it polls the repair planner and applies blocks fetched by HTTP
 (`deliver_block`, from `vmcast.receiver.fallback`): each is written at its offset, read back and judged by the
