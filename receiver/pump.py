@@ -161,11 +161,6 @@ TICK_EVERY = 16
 # buffer per sender batch costs the kernel less than a datagram each.
 BATCH_JUDGED_AFTER = 1024
 BATCH_WHEN_COALESCED_BELOW = 8
-# While a batch receive fills every slot (the pump is behind its socket), repair requests wait until it has
-# caught up, but no longer than this: on the test bed (4 receivers, 5% loss, 2 shared cores) receivers that
-# asked while behind asked ~40,000 parity symbols each where ~21,000 did when they kept up, and the sender sent
-# 114-131k instead of 49-57k. A receiver that never catches up (a disk slower than the link) still asks this often.
-STALE_POLL_INTERVAL = 0.5
 
 # Blocks fetched by HTTP wait for the pump in a queue of at most this many (the fetcher waits when it is
 # full): 16 MiB at the usual 1 MiB blocks.
@@ -464,25 +459,17 @@ class Pump:
                 self.multicast_bytes += stage_fill
                 stage_start, stage_fill = stage_end, 0
 
-        behind = False  # the latest batch receive filled every slot: more is queued (batches only)
-        polled_at = -STALE_POLL_INTERVAL
+        behind = False  # the latest batch receive filled every slot: more is queued (`Repairs.poll`)
 
         def housekeeping() -> bool:
             """Poll the repair planner, apply fetched blocks; True once the image is verified."""
-            nonlocal polled_at
             self.datagrams = count
             if self._fetched:
                 flush()  # staged bytes of a fetched block must not land on top of it afterwards
                 if self._apply_fetched():
                     return True
             if repairs is not None:
-                now = monotonic()
-                # Behind its socket, the pump asks from a stale picture: what it lacks may be queued already
-                # (the parity its last request brought, above all), and the sender, which cannot tell, sends it
-                # again. So it asks once caught up, or every STALE_POLL_INTERVAL at most while it is not.
-                if not behind or now - polled_at >= STALE_POLL_INTERVAL:
-                    polled_at = now
-                    repairs.poll(now)
+                repairs.poll(monotonic(), behind=behind)
             return False
 
         # Batching (module docstring, "Receiving"): with GRO on, whether the link coalesces is judged on the first

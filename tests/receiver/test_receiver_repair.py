@@ -83,3 +83,43 @@ def test_only_a_socket_that_keeps_overflowing_makes_the_receiver_ask_for_lost_bl
             request = decode_repair_request(server.recv(2048), cookie=b"12345678", frame_count=150, block_count=3)
             asked.append("frames" if request.ranges else "parity")
     assert asked == ["parity"] * (2 + SUSTAINED_OVERFLOW) + ["frames"], asked
+
+
+def test_a_receiver_behind_its_socket_asks_only_once_caught_up_or_after_the_stale_interval():
+    # Real planner, real request datagrams over loopback UDP; the clock is the test's. Behind, the lost frames
+    # may be queued in the socket already: asking then would have the sender send them twice.
+    import socket
+
+    from vmcast.protocol import decode_repair_request, manifest_of
+    from vmcast.receiver.repair import STALE_POLL_INTERVAL, RepairAddress, Repairs
+
+    layout = manifest_of(bytes(150_000), frame_size=1000, block_size=50_000).layout  # 3 blocks of 50 frames
+    held = bitarray(layout.frame_count)
+    held.setall(1)
+    held[10:12] = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        server.bind(("127.0.0.1", 0))
+        server.setblocking(False)
+        repairs = Repairs(cookie=b"12345678", address=RepairAddress(host="127.0.0.1", port=server.getsockname()[1]), sock=client)
+        repairs.start(layout=layout, held=held, parity_held=array("I", bytes(12)), fec=False)
+        for frame in range(150):
+            repairs.planner.observe_carousel(frame)
+
+        def requests_at(now: float, *, behind: bool) -> int:
+            repairs.poll(now, behind=behind)
+            sent = 0
+            while True:
+                try:
+                    request = decode_repair_request(server.recv(2048), cookie=b"12345678", frame_count=150, block_count=3)
+                except BlockingIOError:
+                    return sent
+                assert request.frame_count == 2  # frames 10 and 11
+                sent += 1
+
+        assert requests_at(0.0, behind=False) == 0  # the planner's first poll only sets its clock
+        # Behind from here on: due by the planner's clock, but not asked before the stale interval has passed.
+        assert requests_at(0.3, behind=True) == 0
+        assert requests_at(STALE_POLL_INTERVAL - 0.01, behind=True) == 0
+        assert requests_at(STALE_POLL_INTERVAL + 0.01, behind=True) == 1
+        # Caught up: asked as soon as the planner says (its re-request delay has passed).
+        assert requests_at(STALE_POLL_INTERVAL + 1.0, behind=False) == 1
