@@ -53,8 +53,8 @@ import json
 import os
 import random
 import resource
-import signal
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
