@@ -198,11 +198,17 @@ class RepairPlanner:
     was asked (the sender sends the most any receiver needs) stands in for frames lost since. With
     `parity_seen` (the assembly's array: per block, one past the highest ESI that arrived) each entry also
     says what this receiver has seen, ``(block, count, seen)``, for the sender's merging (`RepairQueue`).
+
+    `parity_budget`: the parity symbols the assembly keeps at most (`Assembly.parity_symbol_limit`). Symbols
+    beyond it are dropped on arrival, so a request never asks for more than is left of it after the parity
+    held; the blocks past that are asked for as frames. It binds only for a receiver that lost dozens of blocks
+    wholesale (an unpaced sender outrunning it): asked as parity, their symbols filled the memory with blocks
+    none of which could be decoded, and every further symbol was dropped and asked for again.
     """
 
     def __init__(self, *, layout: Layout, received: bitarray, interval: float = REQUEST_INTERVAL, rerequest_after: float = REREQUEST_AFTER,
                  parity_held: array | None = None, fec: bool = False, parity_refused: bitarray | None = None,
-                 parity_seen: array | None = None) -> None:
+                 parity_seen: array | None = None, parity_budget: int | None = None) -> None:
         if fec and parity_held is None:
             raise ValueError("a parity planner needs the assembly's parity_held")
         self.layout = layout
@@ -214,6 +220,7 @@ class RepairPlanner:
         self.parity_refused = parity_refused
         """The assembly's blocks that take no parity for now (`Assembly.parity_refused`): asked for as frames."""
         self.parity_seen = parity_seen
+        self.parity_budget = parity_budget
         self._frames_until = float("-inf")
         self.requests_sent = 0
         self.frames_requested = 0
@@ -351,12 +358,27 @@ class RepairPlanner:
         ranges: list[tuple[int, int]] = []
         held, received, requested = self.parity_held, self.received, self._requested
         refused = self.parity_refused
+        budget = None if self.parity_budget is None else self.parity_budget - sum(held)
         for block, spans in wanted_in_block.items():
             first, stop = block * per_block, min((block + 1) * per_block, len(received))
-            if (refused is not None and refused[block]) or (
+            # Its last parity-decoded copy failed its checksum, or it lost a burst: its frames, not symbols.
+            as_frames = (refused is not None and refused[block]) or (
                 bursts_as_frames and received.count(0, first, stop) >= BURST_FRACTION * (stop - first)
-            ):
-                # Its last parity-decoded copy failed its checksum, or it lost a burst: its frames, not symbols.
+            )
+            if not as_frames:
+                count = sum(end - start for start, end in spans)
+                if held[block]:
+                    # Parity held first answers the frames of this block already asked for (still missing).
+                    answering = (requested[first:stop] & ~received[first:stop]).count()
+                    count -= max(0, held[block] - answering)
+                if count <= 0:
+                    continue
+                count += PARITY_MARGIN
+                if budget is not None:
+                    as_frames = count > budget  # more than the assembly could keep: frames instead
+                    if not as_frames:
+                        budget -= count
+            if as_frames:
                 for start, end in spans:
                     ranges.append((start, end - start))
                     requested[start:end] = 1
@@ -364,14 +386,6 @@ class RepairPlanner:
                 if len(parity) + len(ranges) >= MAX_RANGES_PER_POLL:
                     break
                 continue
-            count = sum(end - start for start, end in spans)
-            if held[block]:
-                # Parity held first answers the frames of this block already asked for (still missing).
-                answering = (requested[first:stop] & ~received[first:stop]).count()
-                count -= max(0, held[block] - answering)
-            if count <= 0:
-                continue
-            count += PARITY_MARGIN
             parity.append((block, count) if self.parity_seen is None else (block, count, self.parity_seen[block]))
             for start, end in spans:
                 requested[start:end] = 1

@@ -480,3 +480,33 @@ def test_a_parity_planner_told_to_ask_for_frames_asks_so_for_blocks_that_lost_a_
     received[1] = 1
     later = planner.poll(2.0, jitter=0.0)  # past 1.5 and REREQUEST_AFTER: all as parity again
     assert later.ranges == () and [entry[:2] for entry in later.parity] == [(0, 2), (1, 21)]
+
+
+def test_a_parity_planner_asks_for_no_more_symbols_than_the_assembly_can_keep_and_for_the_rest_as_frames():
+    # An unpaced sender outran a receiver, which lost whole blocks: asked as parity, the symbols beyond the
+    # assembly's memory would be dropped on arrival and asked for again, round after round.
+    from array import array
+
+    layout = manifest_of(bytes(150_000), frame_size=1000, block_size=50_000).layout  # 3 blocks of 50 frames
+    received = _bits(layout.frame_count)
+    parity_held = array("I", bytes(4 * layout.block_count))
+    parity_held[2] = 10  # 10 symbols of block 2 held already: they take room too
+    planner = RepairPlanner(layout=layout, received=received, parity_held=parity_held, fec=True, parity_budget=120)
+    lost = {*range(0, 50), *range(50, 100), *range(100, 140)}  # blocks 0 and 1 whole, 40 frames of block 2
+    for frame in range(150):
+        if frame not in lost:
+            received[frame] = 1
+        planner.observe_carousel(frame)
+    planner.observe_rest()  # the carousel rests: every frame passed, the last ones too
+    planner.poll(0.0, jitter=0.0)
+    request = planner.poll(1.0, jitter=0.0)
+    # 120 less the 10 held leaves 110: block 0 takes 51 (50 and the spare), block 1 51 more (8 left); block 2
+    # would take 31 (its 40 less the 10 held, and the spare): more than is left.
+    assert [entry[:2] for entry in request.parity] == [(0, 51), (1, 51)]
+    assert request.ranges == ((100, 40),), "what no longer fits, as frames"
+    unbounded = RepairPlanner(layout=layout, received=received, parity_held=parity_held, fec=True)
+    for frame in range(150):
+        unbounded.observe_carousel(frame)
+    unbounded.observe_rest()
+    unbounded.poll(0.0, jitter=0.0)
+    assert unbounded.poll(1.0, jitter=0.0).ranges == ()  # without a budget, all as parity
