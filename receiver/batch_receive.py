@@ -122,7 +122,7 @@ class DatagramBatch:
 
     def receive(self) -> int:
         """Wait (up to the socket's SO_RCVTIMEO) for a datagram; then take what else is queued, up to `slots`.
-        Returns how many; slot ``i < count`` then has `length(i)`, `port(i)` and `datagram(i)`."""
+        Returns how many; slots ``0 .. count - 1`` then have `lengths`, `ports` and `datagram`."""
         count = self._recvmmsg(self._fd, self._address, self.slots, MSG_WAITFORONE, None)
         if count < 0:
             code = ctypes.get_errno()
@@ -146,11 +146,6 @@ class DatagramBatch:
     def length(self, index: int) -> int:
         """Bytes of slot `index`'s datagram (more than `slot_size` when it ran into the overflow)."""
         return self._words[index * (_HEADER_SIZE // 4) + _LENGTH_WORD]
-
-    def port(self, index: int) -> int:
-        """The source port of slot `index`'s datagram."""
-        names, start = self._names, index * _NAME_SIZE
-        return names[start + 2] << 8 | names[start + 3]
 
     def datagram(self, index: int) -> memoryview | bytes:
         """Slot `index`'s datagram, whole: a view into the slot, or a copy joined with its overflow."""

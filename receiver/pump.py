@@ -475,10 +475,9 @@ class Pump:
         # Batching (module docstring, "Receiving"): with GRO on, whether the link coalesces is judged on the first
         # BATCH_JUDGED_AFTER receives of whole frames; where it rarely does, recvmmsg takes over (`DatagramBatch`).
         batch: DatagramBatch | None = None
-        slots = view
         judging = gro and self._batch
         full_size = -1  # a whole data frame's datagram, once the layout is known
-        coalesced_seen = single_seen = 0
+        judged = coalesced_seen = 0  # receives of whole frames looked at, and how many of them came coalesced
 
         def take(datagrams: memoryview | bytes, size: int, segment: int, port: int) -> bool:
             """The datagrams of one receive (`size` bytes, `segment` each, the last may be shorter; one datagram
@@ -615,7 +614,7 @@ class Pump:
                             return
                     if received > 1:
                         self.batched += 1
-                    lengths, ports = batch.lengths(received), batch.ports(received)
+                    lengths, ports, slots = batch.lengths(received), batch.ports(received), batch.view
                     index = 0
                     while index < received:
                         port = ports[index]
@@ -670,19 +669,17 @@ class Pump:
                     if full_size < 0:
                         if assembly.layout is not None:
                             full_size = HEADER_SIZE + assembly.layout.frame_size
-                    elif segment < size:
-                        coalesced_seen += 1
-                    elif size == full_size:
-                        single_seen += 1
-                    if coalesced_seen + single_seen >= BATCH_JUDGED_AFTER:
-                        judging = False
-                        if coalesced_seen * BATCH_WHEN_COALESCED_BELOW < BATCH_JUDGED_AFTER:
-                            batch = self._start_batching(full_size, coalesced_seen)
-                            if batch is not None:
-                                slots = batch.view
+                    elif segment < size or size == full_size:
+                        judged += 1
+                        coalesced_seen += segment < size
+                        if judged >= BATCH_JUDGED_AFTER:
+                            judging = False
+                            if coalesced_seen * BATCH_WHEN_COALESCED_BELOW < judged:
+                                batch = self._start_batching(full_size, coalesced_seen)
             flush()
         finally:
             self.datagrams = count
+
     # -- the rare paths ------------------------------------------------------------------------------------------
 
     def _start_batching(self, slot_size: int, coalesced: int) -> DatagramBatch | None:
