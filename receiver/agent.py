@@ -61,11 +61,17 @@ from vmcast.protocol import PROTOCOL_VERSION, Assembly, StreamMetadata, encode_m
 from vmcast.protocol.repair import REREQUEST_AFTER
 
 from .defaults import DEFAULT_FALLBACK_AFTER, DEFAULT_TIMEOUT
-from .errors import Interrupted, JoinFailed, NoData, NoStream, ReceiveError, StreamBroken
+from .errors import (
+    Interrupted,
+    JoinFailed,
+    NoData,
+    NoStream,
+    ReceiveError,
+    StreamBroken,
+)
 from .fallback import FallbackSettings, FallbackStats, fetch_when_needed
 from .lease import Lease, LeaseClient
 from .multicast import (
-    RECEIVE_BUFFER,
     GroupSocket,
     kernel_drops,
     open_group_socket,
@@ -149,8 +155,8 @@ class ReceiveRequest:
     up (`NoData`). With a server it should exceed `fallback_after`, or the receive gives up first."""
     force: bool = False
     """Write a block device that is in use, or overwrite a non-empty file."""
-    rcvbuf: int = RECEIVE_BUFFER
-    """Receive buffer to ask the kernel for, in bytes."""
+    rcvbuf: int | None = None
+    """Receive buffer to ask the kernel for, in bytes; None: a share of the memory (`multicast.auto_receive_buffer`)."""
     repair: bool = True
     """Send repair requests for lost frames (server mode, when the server takes them)."""
     gro: bool = True

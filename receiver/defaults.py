@@ -14,9 +14,8 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_FALLBACK_AFTER = 10.0
 """Server mode: seconds without anything of the stream by multicast before the image is fetched by HTTP."""
 
-# The receive buffer absorbs the sender while the receiver is busy elsewhere (reading a block back, a
-# page-cache flush): 64 MiB is ~0.27 s at 2 Gbit/s, longer than any such pause we measured.
-RECEIVE_BUFFER = 64 << 20
+RECEIVE_BUFFER_AUTO = "auto"
+"""The ``--rcvbuf`` that sizes the buffer from the memory the receiver may use (`multicast.auto_receive_buffer`)."""
 
 STATE_SUFFIX = ".vmcast.json"
 """The state file is the output's path plus this (the name ``vmcast register`` looks for)."""
