@@ -61,14 +61,7 @@ from vmcast.protocol import PROTOCOL_VERSION, Assembly, StreamMetadata, encode_m
 from vmcast.protocol.repair import REREQUEST_AFTER
 
 from .defaults import DEFAULT_FALLBACK_AFTER, DEFAULT_TIMEOUT
-from .errors import (
-    Interrupted,
-    JoinFailed,
-    NoData,
-    NoStream,
-    ReceiveError,
-    StreamBroken,
-)
+from .errors import Interrupted, JoinFailed, NoData, NoStream, ReceiveError, StreamBroken
 from .fallback import FallbackSettings, FallbackStats, fetch_when_needed
 from .lease import Lease, LeaseClient
 from .multicast import (
