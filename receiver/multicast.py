@@ -1,4 +1,4 @@
-"""The receiving socket: bound to the group, joined on one interface, with as large a buffer as we may have.
+"""The receiving socket: bound to the group, joined on one interface, its buffer sized to the memory it may use.
 
 UDP GRO (``udp(7)``, Linux 5.0+): with ``UDP_GRO`` set, the kernel may hand one ``recvmsg`` several datagrams
 of one flow at once, back to back in one buffer, with a ``(SOL_UDP, UDP_GRO, int gso_size)`` control message:
