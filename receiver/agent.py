@@ -66,6 +66,7 @@ from .fallback import FallbackSettings, FallbackStats, fetch_when_needed
 from .lease import Lease, LeaseClient
 from .multicast import (
     GroupSocket,
+    buffer_capped,
     kernel_drops,
     open_group_socket,
     route_source_address,
@@ -457,6 +458,14 @@ async def _start(run: _Run, nursery: trio.Nursery, resources: AsyncExitStack, ou
     resources.callback(group_socket.sock.close)
     gro = "on" if group_socket.gro else "off (not asked for)" if not request.gro else "off (the kernel refused it)"
     log.info("joined %s:%d on %s, receive buffer %d bytes, UDP GRO %s", group, port, interface, group_socket.rcvbuf, gro)
+    if buffer_capped(group_socket):
+        # A receiver without CAP_NET_ADMIN on a stock kernel gets ~200 KiB whatever it asks: a sender ahead of
+        # it by a few milliseconds then costs it datagrams, repaired later. Said once, here, with the fix.
+        log.warning(
+            "the kernel granted a receive buffer of %d bytes, not the %d asked: without CAP_NET_ADMIN it is capped at "
+            "net.core.rmem_max; raise that (sysctl -w net.core.rmem_max=%d) or run as root, or datagrams are lost "
+            "whenever the sender gets ahead", group_socket.rcvbuf // 2, group_socket.asked, group_socket.asked,
+        )
     assembly = Assembly(cookie=source.cookie, checkpoint=source.plan.checkpoint)
     pump = Pump(sock=group_socket.sock, assembly=assembly, open_target=source.open_target, expected=source.expected, repairs=run.repairs, gro=group_socket.gro,
                 carousel_port=source.lease.carousel_port if source.lease is not None else None, on_phase=run.need.follower(), batch=request.batch)

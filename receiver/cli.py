@@ -90,7 +90,7 @@ def receive(
     wait_for_stream: Annotated[float | None, typer.Option(min=0.001, metavar="SECONDS", help="With a server: start no stream; wait up to this many seconds for one of IMAGE to be started (by vmcast stream start, another receiver, or POST /v1/streams), then join it; exit 6 if none starts. Start receivers first and the stream after, like udp-receiver before udp-sender: e.g. every receiver with --wait-for-stream 600, then vmcast stream start IMAGE --min-receivers N.", show_default=False)] = None,
     no_gro: Annotated[bool, typer.Option("--no-gro", help="Do not ask the kernel for UDP GRO: one datagram per receive system call instead of up to 64 KiB of them (for comparison; GRO is off by itself where the kernel lacks it).")] = False,
     no_batch: Annotated[bool, typer.Option("--no-batch", help="Keep one receive system call per datagram where the link does not coalesce them (a rate-limited link, a NIC without GRO); by default the receiver then takes up to 64 queued datagrams per call (recvmmsg) and whole runs of frames in one step (for comparison).")] = False,
-    rcvbuf: Annotated[str, typer.Option(help="Socket receive buffer to ask for: 'auto' (1/32 of the memory this receiver may use, the machine's or its cgroup's limit, between 64m and 1g), or bytes with suffixes k, m, g (powers of 1024). It holds what the sender is ahead of this receiver; the kernel takes the memory only for datagrams queued. Linux doubles it for its bookkeeping; without root it is capped at net.core.rmem_max.")] = RECEIVE_BUFFER_AUTO,
+    rcvbuf: Annotated[str, typer.Option(help="Socket receive buffer to ask for: 'auto' (1/32 of the memory this receiver may use, the machine's or its cgroup's limit, between 64m and 1g), or bytes with suffixes k, m, g (powers of 1024), 4k to 1g. It holds what the sender is ahead of this receiver; the kernel takes the memory only for datagrams queued. Linux doubles it for its bookkeeping; without root it is capped at net.core.rmem_max.")] = RECEIVE_BUFFER_AUTO,
     force: Annotated[bool, typer.Option("--force", help="Write a block device that is in use, or overwrite a non-empty file that is not an earlier receive of this image.")] = False,
     register: Annotated[str | None, typer.Option(help=f"After a verified receive, register the image in this cloud: {' or '.join(CLOUDS)} (as vmcast register does; the lease is released first). A failure keeps the verified file: retry with vmcast register OUTPUT --glance|--ec2.", show_default=False)] = None,
     name: Annotated[str | None, typer.Option(help="With --register: the image or AMI name (default: the image's name on the server, else the output's file name).", show_default=False)] = None,
@@ -367,8 +367,8 @@ def _request(
             receive_buffer = parse_size(rcvbuf)
         except ValueError as error:
             raise typer.BadParameter(f"{error}, or {RECEIVE_BUFFER_AUTO!r}", param_hint="--rcvbuf") from None
-        if not 4096 <= receive_buffer <= 1 << 31:
-            raise typer.BadParameter(f"{rcvbuf!r}: between 4k and 2g", param_hint="--rcvbuf")
+        if not 4096 <= receive_buffer <= 1 << 30:
+            raise typer.BadParameter(f"{rcvbuf!r}: between 4k and 1g (the most Linux grants)", param_hint="--rcvbuf")
     return ReceiveRequest(
         source=source, output=output, interface=interface, timeout=timeout, force=force, rcvbuf=receive_buffer,
         repair=not no_repair, fallback_after=fallback_after, gro=gro, batch=batch,

@@ -9,7 +9,8 @@ a buffer without the control message is one datagram, as without GRO. `open_grou
 default and goes on without it, silently, on a kernel that refuses.
 
 Error handling: `open_group_socket` raises `OSError` when the group cannot be bound or joined (the caller
-reports it); a receive buffer smaller than asked for is not an error, it is reported in `GroupSocket.rcvbuf`,
+reports it); a receive buffer smaller than asked for is not an error, it is reported in `GroupSocket.rcvbuf`
+(`buffer_capped` tells; the receiver warns, with the fix),
 nor is a kernel without UDP GRO (`GroupSocket.gro`).
 
 Resource handling: the caller owns the returned socket and closes it.
@@ -42,6 +43,9 @@ UDP_GRO = 104
 RECEIVE_BUFFER_SHARE = 32
 RECEIVE_BUFFER_MIN = 64 << 20
 RECEIVE_BUFFER_MAX = 1 << 30
+# The most the kernel grants: it takes an int, halves INT_MAX before doubling what it keeps, and a larger
+# Python int does not even fit the call.
+RECEIVE_BUFFER_LARGEST = (2**31 - 1) // 2
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 OWN_CGROUP = Path("/proc/self/cgroup")
 
@@ -64,6 +68,8 @@ class GroupSocket:
     """The local address of the interface the group was joined on."""
     rcvbuf: int
     """The receive buffer as the kernel reports it (Linux doubles the size asked, for its bookkeeping)."""
+    asked: int = 0
+    """The receive buffer asked for, in bytes."""
     gro: bool = False
     """UDP GRO is on: a receive may return several datagrams in one buffer (see the module's docstring)."""
 
@@ -74,7 +80,8 @@ def open_group_socket(*, group: str, port: int, interface: str, receive_buffer: 
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        _grow_receive_buffer(sock, auto_receive_buffer() if receive_buffer is None else receive_buffer)
+        asked = min(auto_receive_buffer() if receive_buffer is None else receive_buffer, RECEIVE_BUFFER_LARGEST)
+        _grow_receive_buffer(sock, asked)
         gro = gro and enable_gro(sock)  # before the join: every datagram queued is then read the same way
         # Binding to the group address (not INADDR_ANY) keeps out unicast and other groups' datagrams sent
         # to the same port; IP_MULTICAST_ALL=0 keeps out groups other sockets of this host joined.
@@ -94,7 +101,13 @@ def open_group_socket(*, group: str, port: int, interface: str, receive_buffer: 
     except BaseException:
         sock.close()
         raise
-    return GroupSocket(sock=sock, group=group, port=port, interface=interface, rcvbuf=rcvbuf, gro=gro)
+    return GroupSocket(sock=sock, group=group, port=port, interface=interface, rcvbuf=rcvbuf, asked=asked, gro=gro)
+
+
+def buffer_capped(group_socket: GroupSocket) -> bool:
+    """Whether the kernel granted less receive buffer than asked (it reports twice what it grants): without
+    CAP_NET_ADMIN, SO_RCVBUF is capped at ``net.core.rmem_max`` silently."""
+    return group_socket.rcvbuf < 2 * group_socket.asked
 
 
 def enable_gro(sock: socket.socket) -> bool:

@@ -1,15 +1,24 @@
-"""The receive buffer asked for by default: a share of the memory the receiver may use (machine or cgroup v2).
+"""The receive buffer asked for by default: a share of the memory the receiver may use (machine or cgroup v2),
+and the warning when the kernel grants less.
 
 The cgroup trees here are directories made in tmp_path with the files the kernel shows (``/proc/self/cgroup``
-and ``memory.max``): a test cannot put itself into a memory-limited cgroup on every machine. The socket is real.
+and ``memory.max``): a test cannot put itself into a memory-limited cgroup on every machine. The sockets and
+the receiver processes are real; the one without CAP_NET_ADMIN is started by ``setpriv`` (util-linux).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from vmcast.receiver.multicast import (
+    RECEIVE_BUFFER_LARGEST,
     RECEIVE_BUFFER_MAX,
     RECEIVE_BUFFER_MIN,
     RECEIVE_BUFFER_SHARE,
@@ -68,3 +77,39 @@ def test_a_socket_without_a_size_gets_the_automatic_one_as_far_as_the_kernel_all
         assert group_socket.rcvbuf > 2 * 212992, "more than the kernel's default"
     finally:
         group_socket.sock.close()
+
+
+def receive_nothing(tmp_path, *args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`vmcast receive` on a group nobody sends to, for one second: it joins, says so, and exits 6."""
+    command = [*prefix, sys.executable, "-m", "vmcast.receiver", "--group", "239.255.77.2", "--port", "45998", "--cookie", "00112233445566ff",
+               "--output", str(tmp_path / "out.raw"), "--interface", "127.0.0.1", "--timeout", "1", *args]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: CAP_NET_ADMIN lets the receiver pass net.core.rmem_max")
+def test_a_receiver_granted_what_it_asked_says_nothing_of_rmem_max(tmp_path):
+    result = receive_nothing(tmp_path)
+    assert result.returncode == 6, result.stderr
+    assert "joined 239.255.77.2:45998" in result.stderr
+    assert "rmem_max" not in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv to drop CAP_NET_ADMIN")
+def test_a_receiver_capped_by_rmem_max_says_so_and_how_to_raise_it(tmp_path):
+    rmem_max = int(Path("/proc/sys/net/core/rmem_max").read_text())
+    if rmem_max >= RECEIVE_BUFFER_LARGEST:
+        pytest.skip("net.core.rmem_max is at least the largest buffer the kernel grants: nothing caps it")
+    result = receive_nothing(tmp_path, "--rcvbuf", "1g", prefix=("setpriv", "--inh-caps=-all", "--bounding-set=-net_admin"))
+    assert result.returncode == 6, result.stderr
+    assert f"granted a receive buffer of {rmem_max} bytes, not the {RECEIVE_BUFFER_LARGEST} asked" in result.stderr
+    assert f"sysctl -w net.core.rmem_max={RECEIVE_BUFFER_LARGEST}" in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: CAP_NET_ADMIN lets the receiver pass net.core.rmem_max")
+def test_the_largest_buffer_is_granted_whole_and_not_taken_for_capped(tmp_path):
+    # 1g is one byte over what the kernel grants (INT_MAX / 2); asked as is, the receiver would warn of a cap
+    # that is the kernel's own limit. (2g, before, did not fit the system call's int and crashed it.)
+    result = receive_nothing(tmp_path, "--rcvbuf", "1g")
+    assert result.returncode == 6, result.stderr
+    assert f"receive buffer {2 * RECEIVE_BUFFER_LARGEST} bytes" in result.stderr
+    assert "rmem_max" not in result.stderr
