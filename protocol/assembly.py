@@ -505,10 +505,9 @@ class Assembly:
         self.parity_held[block] = counted
         return ParityReceived(block=block, esi=esi, decodable=held + counted >= frames_in_block)
 
-    @property
-    def parity_symbol_limit(self) -> int | None:
-        """The parity symbols this assembly keeps at most (`PARITY_MEMORY_LIMIT`), once the layout is known."""
-        return PARITY_MEMORY_LIMIT // self.layout.frame_size if self.layout is not None else None
+    def parity_room(self) -> int:
+        """The parity symbols that still fit in `PARITY_MEMORY_LIMIT` beside those held (0 before the layout)."""
+        return (PARITY_MEMORY_LIMIT - self._parity_bytes) // self.layout.frame_size if self.layout is not None else 0
 
     def _unused(self, block: int, esi: int, reason: str) -> ParityUnused:
         self.parity_unused += 1

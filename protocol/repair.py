@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from bitarray import bitarray
@@ -199,16 +200,16 @@ class RepairPlanner:
     `parity_seen` (the assembly's array: per block, one past the highest ESI that arrived) each entry also
     says what this receiver has seen, ``(block, count, seen)``, for the sender's merging (`RepairQueue`).
 
-    `parity_budget`: the parity symbols the assembly keeps at most (`Assembly.parity_symbol_limit`). Symbols
-    beyond it are dropped on arrival, so a request never asks for more than is left of it after the parity
-    held; the blocks past that are asked for as frames. It binds only for a receiver that lost dozens of blocks
+    `parity_room`: how many parity symbols the assembly still has room for (`Assembly.parity_room`). Symbols
+    beyond it are dropped on arrival, so a request never asks for more than that; the blocks past it are
+    asked for as frames. It binds only for a receiver that lost dozens of blocks
     wholesale (an unpaced sender outrunning it): asked as parity, their symbols filled the memory with blocks
     none of which could be decoded, and every further symbol was dropped and asked for again.
     """
 
     def __init__(self, *, layout: Layout, received: bitarray, interval: float = REQUEST_INTERVAL, rerequest_after: float = REREQUEST_AFTER,
                  parity_held: array | None = None, fec: bool = False, parity_refused: bitarray | None = None,
-                 parity_seen: array | None = None, parity_budget: int | None = None) -> None:
+                 parity_seen: array | None = None, parity_room: Callable[[], int] | None = None) -> None:
         if fec and parity_held is None:
             raise ValueError("a parity planner needs the assembly's parity_held")
         self.layout = layout
@@ -220,7 +221,7 @@ class RepairPlanner:
         self.parity_refused = parity_refused
         """The assembly's blocks that take no parity for now (`Assembly.parity_refused`): asked for as frames."""
         self.parity_seen = parity_seen
-        self.parity_budget = parity_budget
+        self.parity_room = parity_room
         self._frames_until = float("-inf")
         self.requests_sent = 0
         self.frames_requested = 0
@@ -358,7 +359,7 @@ class RepairPlanner:
         ranges: list[tuple[int, int]] = []
         held, received, requested = self.parity_held, self.received, self._requested
         refused = self.parity_refused
-        budget = None if self.parity_budget is None else self.parity_budget - sum(held)
+        budget = None if self.parity_room is None else self.parity_room()
         for block, spans in wanted_in_block.items():
             first, stop = block * per_block, min((block + 1) * per_block, len(received))
             # Its last parity-decoded copy failed its checksum, or it lost a burst: its frames, not symbols.

@@ -711,7 +711,7 @@ class Pump:
             assembly = self.assembly
             repairs.start(layout=assembly.layout, held=assembly.held_frames, parity_held=assembly.parity_held, fec=assembly.fec,
                           parity_refused=assembly.parity_refused, parity_seen=assembly.parity_seen,
-                          overflows=functools.partial(kernel_drops, self._sock), parity_budget=assembly.parity_symbol_limit)
+                          overflows=functools.partial(kernel_drops, self._sock), parity_room=assembly.parity_room)
         return repairs
 
     def _first_metadata(self, metadata: StreamMetadata) -> None:

@@ -120,16 +120,16 @@ class Repairs:
         return self._destination is not None
 
     def start(self, *, layout: Layout, held: bitarray, parity_held: array | None = None, fec: bool = False, parity_refused: bitarray | None = None,
-              parity_seen: array | None = None, overflows: Callable[[], int | None] | None = None, parity_budget: int | None = None) -> None:
+              parity_seen: array | None = None, overflows: Callable[[], int | None] | None = None, parity_room: Callable[[], int] | None = None) -> None:
         """The layout is known: plan from now on. `held`: the assembly's held frames; `parity_held`: its parity
         symbols held per block; `parity_refused`: its blocks that take no parity for now; `parity_seen`: per
         block, one past the highest ESI that arrived (all read, never written). `fec`: the stream takes
         parity: ask for it, except, for `FRAMES_AFTER_OVERFLOW` seconds, for blocks lost wholesale once
         `overflows` (the receive socket's drops for a full buffer) has grown at `SUSTAINED_OVERFLOW` requests
-        in a row. `parity_budget`: the parity symbols the assembly keeps at most (`RepairPlanner`)."""
+        in a row. `parity_room`: the parity symbols the assembly still has room for (`RepairPlanner`)."""
         if self.planner is None:
             self.planner = RepairPlanner(layout=layout, received=held, parity_held=parity_held, fec=fec, parity_refused=parity_refused,
-                                         parity_seen=parity_seen, parity_budget=parity_budget)
+                                         parity_seen=parity_seen, parity_room=parity_room)
             self._overflows = overflows if fec else None  # drops before this count too: they are what it lost
 
     @property

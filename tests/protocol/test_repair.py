@@ -491,7 +491,8 @@ def test_a_parity_planner_asks_for_no_more_symbols_than_the_assembly_can_keep_an
     received = _bits(layout.frame_count)
     parity_held = array("I", bytes(4 * layout.block_count))
     parity_held[2] = 10  # 10 symbols of block 2 held already: they take room too
-    planner = RepairPlanner(layout=layout, received=received, parity_held=parity_held, fec=True, parity_budget=120)
+    room = 120 - 10  # an assembly that keeps 120 symbols and holds those 10 (`Assembly.parity_room`)
+    planner = RepairPlanner(layout=layout, received=received, parity_held=parity_held, fec=True, parity_room=lambda: room)
     lost = {*range(0, 50), *range(50, 100), *range(100, 140)}  # blocks 0 and 1 whole, 40 frames of block 2
     for frame in range(150):
         if frame not in lost:
@@ -500,7 +501,7 @@ def test_a_parity_planner_asks_for_no_more_symbols_than_the_assembly_can_keep_an
     planner.observe_rest()  # the carousel rests: every frame passed, the last ones too
     planner.poll(0.0, jitter=0.0)
     request = planner.poll(1.0, jitter=0.0)
-    # 120 less the 10 held leaves 110: block 0 takes 51 (50 and the spare), block 1 51 more (8 left); block 2
+    # 110 left: block 0 takes 51 (50 and the spare), block 1 51 more (8 left); block 2
     # would take 31 (its 40 less the 10 held, and the spare): more than is left.
     assert [entry[:2] for entry in request.parity] == [(0, 51), (1, 51)]
     assert request.ranges == ((100, 40),), "what no longer fits, as frames"
