@@ -1,6 +1,6 @@
 """Loopback goodput and CPU cost: one `vmcast serve`, one `vmcast receive`, real multicast on 127.0.0.1.
 
-    python -m benchmarks.loopback [--size-mib 1024] [--payloads 1400 8192] [--rate 0] [--runs 1] [--no-gso] [--no-gro] [--rcvbuf SIZE] [--shared]
+    python -m benchmarks.loopback [--size-mib 1024] [--payloads 1400 8192] [--rate 0] [--runs 1] [--no-gso] [--no-gro] [--rcvbuf SIZE] [--keep-cache] [--shared]
 
 For each payload size it streams a random image unpaced (by default) to one receiver writing a file on disk,
 and prints: goodput (image bits / the receiver's own time from joining to verified and synced), the receiver's
@@ -8,7 +8,7 @@ wall time from process start to exit, the receiver's drop counters, the datagram
 buffer (below), CPU seconds per GiB of the sender process and of the receiver process (user + sys from
 /proc and wait4), and of the receiver's SHA-1 verification: the CPU of its hashing thread, which hashes the
 blocks in order as they are verified, and what was left to hash when the last block came (MiB, seconds).
-``--no-gso`` and ``--no-gro`` are passed to ``vmcast serve`` and ``vmcast receive``, ``--rcvbuf`` to ``vmcast receive``
+``--no-gso`` and ``--no-gro`` are passed to ``vmcast serve`` and ``vmcast receive``, ``--rcvbuf`` and ``--keep-cache`` to ``vmcast receive``
 (default: its own, a share of the memory); the receive buffer the kernel gave is recorded (``rcvbuf_bytes``). An
 unpaced sender gets ahead of the receiver: what the buffer cannot hold is dropped and repaired later.
 
@@ -91,7 +91,7 @@ def keep_on_core(process: subprocess.Popen, core: int | None) -> subprocess.Pope
 
 
 def run_once(image_dir: Path, work: Path, *, payload: int, rate: str, size: int, gso: bool = True, gro: bool = True,
-             pin: bool = False, rcvbuf: str | None = None) -> dict:
+             pin: bool = False, rcvbuf: str | None = None, keep_cache: bool = False) -> dict:
     port = free_tcp_port()
     server = keep_on_core(subprocess.Popen(
         [*VMCAST, "serve", "--images", str(image_dir), "--port", str(port), "--mcast-port", str(free_udp_port()),
@@ -120,7 +120,8 @@ def run_once(image_dir: Path, work: Path, *, payload: int, rate: str, size: int,
         receiver = keep_on_core(subprocess.Popen(
             [*VMCAST, "receive", "bench.raw", "--server", url, "--output", str(output), "--json",
              # The stream holds until the receiver has joined, so it gets the image in order from frame 0.
-             "--min-receivers", "1", *([] if gro else ["--no-gro"]), *([] if rcvbuf is None else ["--rcvbuf", rcvbuf])],
+             "--min-receivers", "1", *([] if gro else ["--no-gro"]), *([] if rcvbuf is None else ["--rcvbuf", rcvbuf]),
+             *(["--keep-cache"] if keep_cache else [])],
             stdout=subprocess.PIPE, stderr=(work / "receiver.log").open("w"), text=True,
         ), 1 if pin else None)
         _, status, usage = os.wait4(receiver.pid, 0)
@@ -156,6 +157,7 @@ def run_once(image_dir: Path, work: Path, *, payload: int, rate: str, size: int,
             "batched_receives": summary.get("batched"),
             "receiver_drops": summary.get("drops"),
             "rcvbuf_bytes": summary.get("rcvbuf"),
+            "keep_cache": keep_cache,
             "cores": os.cpu_count(),
             "one_core_each": pin,
         }
@@ -172,6 +174,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also append JSON lines here")
     parser.add_argument("--no-gso", action="store_true", help="vmcast serve --no-gso: one datagram per send")
     parser.add_argument("--no-gro", action="store_true", help="vmcast receive --no-gro: one datagram per receive")
+    parser.add_argument("--keep-cache", action="store_true", help="vmcast receive --keep-cache (default: the receiver drops the image's pages once written back)")
     parser.add_argument("--rcvbuf", help="vmcast receive --rcvbuf (default: the receiver's own, a share of the memory)")
     parser.add_argument("--shared", action="store_true", help="sender and receiver share every core (default: core 0 and core 1)")
     args = parser.parse_args()
@@ -184,12 +187,12 @@ def main() -> int:
         write_random_image(images / "bench.raw", args.size_mib)
         os.sync()  # the image's writeback would otherwise overlap the first run, on the receiver's disk
         print(f"loopback, 1 receiver, {args.size_mib} MiB random image, rate {args.rate}, UDP GSO {'off' if args.no_gso else 'on'}, "
-              f"UDP GRO {'off' if args.no_gro else 'on'}, receive buffer {args.rcvbuf or 'the receiver default'}, {cores}")
+              f"UDP GRO {'off' if args.no_gro else 'on'}, receive buffer {args.rcvbuf or 'the receiver default'}, page cache {'kept' if args.keep_cache else 'dropped behind'}, {cores}")
         print(f"{'payload':>8} {'verified':>8} {'goodput':>12} {'receiver wall':>13} {'sender cpu':>14} {'receiver cpu':>14} "
               f"{'of it sha1':>14} {'sha1 at end':>19} {'sync':>7} {'kernel drops':>14}  receiver drops")  # fmt: skip
         for payload in args.payloads:
             for _ in range(args.runs):
-                result = run_once(images, work, payload=payload, rate=args.rate, size=args.size_mib << 20, gso=not args.no_gso, gro=not args.no_gro, rcvbuf=args.rcvbuf,
+                result = run_once(images, work, payload=payload, rate=args.rate, size=args.size_mib << 20, gso=not args.no_gso, gro=not args.no_gro, rcvbuf=args.rcvbuf, keep_cache=args.keep_cache,
                                   pin=pin)
                 drops = result["kernel_drops_datagrams"]
                 drops_text = "?" if drops is None else f"{'' if result['kernel_drops_exact'] else '<='}{drops}"

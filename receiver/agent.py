@@ -158,6 +158,9 @@ class ReceiveRequest:
     one datagram per receive."""
     batch: bool = True
     """With GRO on, where the link coalesces few datagrams, take up to 64 per receive with recvmmsg."""
+    keep_cache: bool = False
+    """Leave the image's pages in the page cache; by default they are dropped once verified, hashed and
+    written back (`vmcast.receiver.hashing`, "Writeback")."""
     fallback_after: float | None = DEFAULT_FALLBACK_AFTER
     """Server mode: seconds without anything of the stream by multicast before fetching the image by HTTP;
     None: never fetch by HTTP (not even the end game)."""
@@ -468,7 +471,8 @@ async def _start(run: _Run, nursery: trio.Nursery, resources: AsyncExitStack, ou
         )
     assembly = Assembly(cookie=source.cookie, checkpoint=source.plan.checkpoint)
     pump = Pump(sock=group_socket.sock, assembly=assembly, open_target=source.open_target, expected=source.expected, repairs=run.repairs, gro=group_socket.gro,
-                carousel_port=source.lease.carousel_port if source.lease is not None else None, on_phase=run.need.follower(), batch=request.batch)
+                carousel_port=source.lease.carousel_port if source.lease is not None else None, on_phase=run.need.follower(), batch=request.batch,
+                keep_cache=request.keep_cache)
     run.pump = pump
     lease = source.lease
     fallback = lease is not None and request.fallback_after is not None

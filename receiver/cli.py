@@ -91,6 +91,7 @@ def receive(
     no_gro: Annotated[bool, typer.Option("--no-gro", help="Do not ask the kernel for UDP GRO: one datagram per receive system call instead of up to 64 KiB of them (for comparison; GRO is off by itself where the kernel lacks it).")] = False,
     no_batch: Annotated[bool, typer.Option("--no-batch", help="Keep one receive system call per datagram where the link does not coalesce them (a rate-limited link, a NIC without GRO); by default the receiver then takes up to 64 queued datagrams per call (recvmmsg) and whole runs of frames in one step (for comparison).")] = False,
     rcvbuf: Annotated[str, typer.Option(help="Socket receive buffer to ask for: 'auto' (1/32 of the memory this receiver may use, the machine's or its cgroup's limit, between 64m and 1g), or bytes with suffixes k, m, g (powers of 1024), 4k to 1g. It holds what the sender is ahead of this receiver; the kernel takes the memory only for datagrams queued. Linux doubles it for its bookkeeping; without root it is capped at net.core.rmem_max.")] = RECEIVE_BUFFER_AUTO,
+    keep_cache: Annotated[bool, typer.Option("--keep-cache", help="Leave the image in the page cache. By default its pages are dropped as soon as they are verified, hashed and on the disk (like dd oflag=nocache): a multi-GiB image does not push out what the machine caches, and the next writes reuse the pages freed, which is cheaper on a virtual machine. Keep it when the image is read again right away and fits in memory.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Write a block device that is in use, or overwrite a non-empty file that is not an earlier receive of this image.")] = False,
     register: Annotated[str | None, typer.Option(help=f"After a verified receive, register the image in this cloud: {' or '.join(CLOUDS)} (as vmcast register does; the lease is released first). A failure keeps the verified file: retry with vmcast register OUTPUT --glance|--ec2.", show_default=False)] = None,
     name: Annotated[str | None, typer.Option(help="With --register: the image or AMI name (default: the image's name on the server, else the output's file name).", show_default=False)] = None,
@@ -133,7 +134,7 @@ def receive(
         output=output, image=image, server=server, image_format=image_format, group=group, port=port, cookie=cookie,
         interface=interface, timeout=timeout, force=force, fallback_after=None if no_fallback else fallback_after,
         no_repair=no_repair, rcvbuf=rcvbuf, gro=not no_gro, min_receivers=min_receivers, max_wait=max_wait,
-        wait_for_stream=wait_for_stream, batch=not no_batch,
+        wait_for_stream=wait_for_stream, batch=not no_batch, keep_cache=keep_cache,
     )  # fmt: skip
     registration = _registration(register=register, name=name, visibility=visibility, os_cloud=os_cloud, region=region)
     code = run(request, as_json=as_json, registration=registration)
@@ -314,7 +315,7 @@ def _request(
     *, output: str, image: str | None, server: str | None, image_format: str | None, group: str | None, port: int | None,
     cookie: str | None, interface: str | None, timeout: float, force: bool, fallback_after: float | None, no_repair: bool, rcvbuf: str,
     gro: bool = True, min_receivers: int | None = None, max_wait: float | None = None, wait_for_stream: float | None = None,
-    batch: bool = True,
+    batch: bool = True, keep_cache: bool = False,
 ) -> ReceiveRequest:  # fmt: skip
     """Check the options' combinations and turn them into a request; a bad one is a usage error (exit 2)."""
     # Here, not at the top: see "Imports" above.
@@ -371,7 +372,7 @@ def _request(
             raise typer.BadParameter(f"{rcvbuf!r}: between 4k and 1g (the most Linux grants)", param_hint="--rcvbuf")
     return ReceiveRequest(
         source=source, output=output, interface=interface, timeout=timeout, force=force, rcvbuf=receive_buffer,
-        repair=not no_repair, fallback_after=fallback_after, gro=gro, batch=batch,
+        repair=not no_repair, fallback_after=fallback_after, gro=gro, batch=batch, keep_cache=keep_cache,
     )  # fmt: skip
 
 

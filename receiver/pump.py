@@ -29,7 +29,8 @@ joiner's wrap-around), when it is full, before a block is read back, and at the 
 Checks: when the assembly reports a complete block, it is read back from the target and judged by
 `Assembly.check_block`; verified blocks go to the `Sha1Cursor` (with the bytes just read), which hashes the
 image in order in a second thread. When the last block is verified the loop asks for the digest, calls
-`check_image`, and fsyncs the target before it reports success. A corrupt block or image has already been
+`check_image`, and fsyncs the target before it reports success. Unless told to keep it (``keep_cache``), the
+image's pages leave the page cache as they are done with (`hashing`, "Writeback") and the rest after the fsync. A corrupt block or image has already been
 forgotten by the assembly: the loop keeps receiving and takes it again from a later loop of the sender,
 unless one block keeps coming back with the same wrong bytes (`MAX_SAME_CORRUPTION`: a faulty target or sender),
 or wrong at all `MAX_CORRUPT_REPEATS` times; and up to `MAX_IMAGE_MISMATCHES` times for the image.
@@ -262,9 +263,10 @@ class Pump:
     recvmmsg where the link does not coalesce (`BATCH_JUDGED_AFTER`); False keeps one receive per datagram.
     """
 
-    def __init__(self, *, sock: socket.socket, assembly: Assembly, open_target: Callable[[StreamMetadata], Target], expected: bytes | None = None, repairs: Repairs | None = None, stage_size: int = STAGE_SIZE, gro: bool = False, buffer_size: int = RECEIVE_BUFFER_SIZE, carousel_port: int | None = None, on_phase: Callable[[Phase], None] | None = None, batch: bool = True) -> None:
+    def __init__(self, *, sock: socket.socket, assembly: Assembly, open_target: Callable[[StreamMetadata], Target], expected: bytes | None = None, repairs: Repairs | None = None, stage_size: int = STAGE_SIZE, gro: bool = False, buffer_size: int = RECEIVE_BUFFER_SIZE, carousel_port: int | None = None, on_phase: Callable[[Phase], None] | None = None, batch: bool = True, keep_cache: bool = False) -> None:
         self.assembly = assembly
         self._batch = batch
+        self._keep_cache = keep_cache
         self._carousel_port = carousel_port
         self._gro = gro
         self._buffer_size = buffer_size
@@ -741,7 +743,7 @@ class Pump:
         if self._cursor is None:
             layout = self.assembly.layout
             self._note_resumed()
-            self._cursor = Sha1Cursor(target=self._target, layout=layout)
+            self._cursor = Sha1Cursor(target=self._target, layout=layout, drop_cache=not self._keep_cache)
             self._scratch = bytearray(layout.block_size)
             # Blocks verified before this run (a resume): the cursor reads them back from the target.
             checkpoint = self.assembly.checkpoint()
@@ -876,6 +878,8 @@ class Pump:
         self.phase = Phase.SYNCING
         syncing_from = time.monotonic()
         self._target.sync()
+        if not self._keep_cache:
+            self._target.drop_cached(0, self._target.length)  # all of it is clean now (module docstring, "Checks")
         self._sync_seconds = time.monotonic() - syncing_from
         self.phase = Phase.VERIFIED
         self._finished_at = time.monotonic()

@@ -23,6 +23,8 @@ Rules (after ironic-python-agent, which refuses disks that are in use and fails 
 * `Target.start_writeback` asks the kernel to start writing a range to the disk now (``sync_file_range``
   with ``SYNC_FILE_RANGE_WRITE``), so that the final `Target.sync` has little left to write; `sync` alone is
   what makes bytes durable.
+* `Target.drop_cached` lets the kernel forget a range's clean page-cache pages (``posix_fadvise`` with
+  ``POSIX_FADV_DONTNEED``): the image's bytes are done with once verified, hashed and written back.
 
 Resource handling: `open_target` returns an open `Target`; the caller closes it (`Target.close`, or use it as
 a context manager). A file created by `open_target` that is then refused is removed again.
@@ -191,6 +193,26 @@ class Target:
             return
         error = OSError(code, os.strerror(code))
         raise TargetIOError(path=self.path, operation=f"starting writeback of {length} bytes at {offset} to", error=error)
+
+    def drop_cached(self, offset: int, length: int) -> None:
+        """Let the kernel forget the page-cache pages of `length` bytes at `offset` that are already on the disk.
+
+        Why: an image written through the page cache fills it with pages nobody reads again (verified,
+        hashed, written back), pushing out what the machine caches for others, like ``dd oflag=nocache``
+        avoids. And a page freed here is the next one the kernel hands out for the next write: a warm page.
+        Writing into pages of memory nobody touched for a while costs several times as much on a virtual
+        machine (the hypervisor maps each on first touch): on this machine's VM, 1 GiB written in 1 MiB writes
+        took 1.2-1.6 CPU-s into fresh pages and 0.27-0.29 with the pages 64 MiB behind dropped as it went.
+        The kernel skips pages still dirty or under writeback: they stay cached, and nothing is lost either way.
+
+        Error handling: a hint: where the kernel refuses (a pipe: ESPIPE) nothing happens, as without it.
+        """
+        if length <= 0:
+            return
+        try:
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass  # a hint only: the pages stay cached, as without it
 
     def sync(self) -> None:
         """Make every byte written durable (file data, or the device's cache)."""

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 from vmcast.receiver.__main__ import app
 
-from .receiver_testbed import LOOPBACK, minimal_metadata, sha1_of
+from .receiver_testbed import LOOPBACK, minimal_metadata, page_cache, sha1_of
 
 runner = CliRunner()
 
@@ -69,6 +69,21 @@ def test_a_verified_receive_prints_one_line_and_exits_0(image, make_sender, tmp_
     lines = result.stdout.splitlines()
     assert len(lines) == 1
     assert re.fullmatch(rf"verified sha1={sha1_of(image)} bytes={len(image)} seconds=[0-9.]+ rate=[0-9.]+ .*", lines[0])
+    assert (tmp_path / "out.raw").read_bytes() == image
+
+
+@pytest.mark.parametrize("keep_cache", [False, True])
+def test_the_image_leaves_the_page_cache_once_verified_unless_kept(image, make_sender, tmp_path, keep_cache):
+    sender = make_sender(image).start()
+    result = invoke(*direct_args(sender, tmp_path / "out.raw"), *(["--keep-cache"] if keep_cache else []))
+    assert result.exit_code == 0, result.output
+    fd = os.open(tmp_path / "out.raw", os.O_RDONLY)
+    try:
+        cached, _dirty = page_cache(fd)
+    finally:
+        os.close(fd)
+    # Dropped: synced first, so every page is clean and goes; kept: all of it is still there to be read.
+    assert cached == (-(-len(image) // os.sysconf("SC_PAGE_SIZE")) if keep_cache else 0)
     assert (tmp_path / "out.raw").read_bytes() == image
 
 

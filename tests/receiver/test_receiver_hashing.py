@@ -1,5 +1,5 @@
 """`Sha1Cursor`: the whole-image SHA-1 from blocks verified in any order, with and without lent bytes; and the
-writeback it starts behind itself."""
+writeback it starts, and the page cache it drops, behind itself."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import random
 import threading
 import time
 
+import pytest
+
 from vmcast.protocol import Layout
-from vmcast.receiver.hashing import WRITEBACK_RUN, Sha1Cursor
+from vmcast.receiver.hashing import DROP_LAG, WRITEBACK_RUN, Sha1Cursor
 from vmcast.receiver.target import Target, open_target
 
 BLOCK = 64 * 1024
@@ -20,20 +22,26 @@ class RecordingTarget(Target):
     """A real target (sharing an open one's descriptor) that also notes each writeback it is asked to start,
     with the bytes the cursor had hashed by then."""
 
-    __slots__ = ("cursor", "writebacks")
+    __slots__ = ("cursor", "drops", "writebacks")
 
     def start_writeback(self, offset: int, length: int) -> None:
         self.writebacks.append((offset, length, self.cursor.hashed_bytes))
         super().start_writeback(offset, length)
 
+    def drop_cached(self, offset: int, length: int) -> None:
+        self.drops.append((offset, length, self.writebacks[-1][0] + self.writebacks[-1][1]))
+        super().drop_cached(offset, length)
 
-def run_cursor(tmp_path, data: bytes, order: list[int], *, lend: bool, reset_first: bool = False, writebacks: list | None = None) -> str:
+
+def run_cursor(tmp_path, data: bytes, order: list[int], *, lend: bool, reset_first: bool = False, writebacks: list | None = None,
+               drops: list | None = None, drop_cache: bool = True) -> str:  # fmt: skip
     layout = Layout(length=len(data), frame_size=1024, block_size=BLOCK)
     with open_target(tmp_path / "image.raw", length=len(data), force=True) as opened:
         opened.pwrite(data, 0)
         target = RecordingTarget(path=opened.path, kind=opened.kind, length=opened.length, capacity=opened.capacity, fd=opened.fd)
         target.writebacks = writebacks if writebacks is not None else []
-        cursor = target.cursor = Sha1Cursor(target=target, layout=layout)
+        target.drops = drops if drops is not None else []
+        cursor = target.cursor = Sha1Cursor(target=target, layout=layout, drop_cache=drop_cache)
         thread = threading.Thread(target=cursor.run)
         thread.start()
         try:
@@ -90,6 +98,23 @@ def test_writeback_is_started_in_order_for_hashed_bytes_only_in_runs_and_covers_
     assert position == len(data)
 
 
+@pytest.mark.parametrize("drop_cache", [True, False])
+def test_pages_are_dropped_in_order_only_well_behind_the_writeback_started_unless_kept(tmp_path, drop_cache):
+    data = os.urandom(DROP_LAG + 3 * WRITEBACK_RUN + 4567)  # drops for the runs past the lag, none for the rest
+    drops: list[tuple[int, int, int]] = []
+    in_order = list(range(-(-len(data) // BLOCK)))
+    assert run_cursor(tmp_path, data, in_order, lend=True, drops=drops, drop_cache=drop_cache) == hashlib.sha1(data).hexdigest()
+    if not drop_cache:
+        assert drops == []
+        return
+    position = 0
+    for offset, length, written_back in drops:
+        assert offset == position and length > 0  # in order, each where the last ended
+        assert offset + length == written_back - DROP_LAG  # a lag behind the writeback just started, never closer
+        position = offset + length
+    assert position == len(data) - DROP_LAG  # the last run, at the image's end, dropped up to a lag behind it
+
+
 def test_after_a_reset_writeback_starts_again_from_the_beginning(tmp_path):
     per_run = WRITEBACK_RUN // BLOCK
     first, blocks = per_run + per_run // 4, 2 * per_run + per_run // 2  # one run before the reset; 2.5 in all
@@ -98,7 +123,7 @@ def test_after_a_reset_writeback_starts_again_from_the_beginning(tmp_path):
     with open_target(tmp_path / "image.raw", length=len(data), force=True) as opened:
         opened.pwrite(data, 0)
         target = RecordingTarget(path=opened.path, kind=opened.kind, length=opened.length, capacity=opened.capacity, fd=opened.fd)
-        target.writebacks = []
+        target.writebacks, target.drops = [], []
         cursor = target.cursor = Sha1Cursor(target=target, layout=layout)
         thread = threading.Thread(target=cursor.run)
         thread.start()

@@ -1,5 +1,6 @@
 """Target safety: what `open_target` accepts, what it refuses, and that a refusal writes nothing; and that
-`Target.start_writeback` starts writing what it is asked to (seen with cachestat(2)), or nothing at all.
+`Target.start_writeback` starts writing what it is asked to (seen with cachestat(2)), or nothing at all; and
+`Target.drop_cached` takes clean pages out of the page cache and loses no byte.
 
 Real files, real loop devices (root and losetup), a real ext4 mount; "cannot inspect" cases point the
 checks at /proc and /sys trees built in a temporary directory.
@@ -7,10 +8,8 @@ checks at /proc and /sys trees built in a temporary directory.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
-import struct
 import subprocess
 
 import pytest
@@ -18,22 +17,13 @@ from vmcast.receiver import target as target_module
 from vmcast.receiver.errors import TargetBoundsError, TargetRefused
 from vmcast.receiver.target import Target, TargetKind, check_target, open_target
 
+from .receiver_testbed import page_cache
+
 MiB = 1 << 20
-
-# cachestat(2) (Linux 6.5, the same number on every architecture): how many of a file's cached pages are
-# dirty and how many under writeback; it shows what start_writeback did without mocking anything.
-SYS_CACHESTAT = 451
-_libc = ctypes.CDLL(None, use_errno=True)
-
 
 def dirty_pages(fd: int) -> int:
     """Dirty (not yet written back) cached pages of the whole file behind `fd`; skips where cachestat is missing."""
-    whole_file = struct.pack("QQ", 0, 0)
-    counts = ctypes.create_string_buffer(5 * 8)
-    if _libc.syscall(SYS_CACHESTAT, ctypes.c_uint(fd), ctypes.c_char_p(whole_file), counts, ctypes.c_uint(0)) != 0:
-        pytest.skip(f"cachestat(2) is not available here: {os.strerror(ctypes.get_errno())}")
-    _cached, dirty, _writeback, _evicted, _recently_evicted = struct.unpack("5Q", counts.raw)
-    return dirty
+    return page_cache(fd)[1]
 
 
 def test_a_new_file_is_created_sparse_at_the_image_length(tmp_path):
@@ -122,6 +112,46 @@ def test_start_writeback_does_nothing_where_the_kernel_cannot_do_it(tmp_path):
         target = Target(path="pipe", kind=TargetKind.FILE, length=MiB, capacity=MiB, fd=write_end)
         target.start_writeback(0, MiB)
         target.start_writeback(0, MiB)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def check_clean_pages_are_dropped_and_bytes_stay(target: Target, path: str) -> None:
+    page = os.sysconf("SC_PAGE_SIZE")
+    data = os.urandom(8 * MiB)
+    target.pwrite(data, 0)
+    target.sync()  # every page clean: the kernel may drop any of them
+    if page_cache(target.fd, 0, 8 * MiB)[0] < 8 * MiB // page:
+        pytest.skip("this file system does not keep the pages written in the page cache")
+    target.drop_cached(0, 4 * MiB)
+    assert page_cache(target.fd, 0, 4 * MiB)[0] == 0  # the range asked: gone
+    assert page_cache(target.fd, 4 * MiB, 4 * MiB)[0] == 4 * MiB // page  # the rest: untouched
+    target.pwrite(data[:MiB], 0)  # dirty again: not on the disk yet
+    target.drop_cached(0, 8 * MiB)
+    assert page_cache(target.fd, 4 * MiB, 4 * MiB)[0] == 0
+    target.drop_cached(0, 0)  # nothing asked: nothing happens
+    target.sync()
+    with open(path, "rb") as written:
+        assert written.read(8 * MiB) == data  # dropped from memory, not from the disk; the dirty megabyte kept
+
+
+def test_drop_cached_forgets_clean_pages_of_a_file_and_loses_no_byte(tmp_path):
+    path = tmp_path / "image.raw"
+    with open_target(path, length=8 * MiB, force=False) as target:
+        check_clean_pages_are_dropped_and_bytes_stay(target, str(path))
+
+
+def test_drop_cached_forgets_clean_pages_of_a_block_device_and_loses_no_byte(loop_device):
+    device = loop_device(8 * MiB)
+    with open_target(device, length=8 * MiB, force=False) as target:
+        check_clean_pages_are_dropped_and_bytes_stay(target, device)
+
+
+def test_drop_cached_does_nothing_where_the_kernel_cannot_do_it():
+    read_end, write_end = os.pipe()  # posix_fadvise refuses a pipe (ESPIPE): a hint, dropped
+    try:
+        Target(path="pipe", kind=TargetKind.FILE, length=MiB, capacity=MiB, fd=write_end).drop_cached(0, MiB)
     finally:
         os.close(read_end)
         os.close(write_end)
