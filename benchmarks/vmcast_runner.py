@@ -488,7 +488,7 @@ def _note_vmcast_counters(session: ToolSession, details: VmcastDetails) -> None:
         session.notes.append(
             "stream: " + ", ".join(f"{key} {stream.get(key)}" for key in
                                    ("loops_completed", "datagrams_sent", "repair_requests", "repair_frames_sent",
-                                    "fec", "parity_frames_sent", "parity_jobs", "parity_cpu_seconds", "repair_drops",
+                                    "fec", "parity_frames_sent", "parity_jobs", "parity_cpu_seconds", "parity_deferred", "repair_drops",
                                     "send_errors") if key in stream)
         )
     session.notes.append(f"server cpu {details.server_cpu_seconds}s, receivers cpu {details.receivers_cpu_seconds}s")

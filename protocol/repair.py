@@ -59,12 +59,26 @@ REORDERED_STEP_BACK = 4 * REORDER_MARGIN
 # A frame asked for is not asked for again before this long: time for the sender to serve the request. The
 # scale model (benchmarks/simulate.py) put one bursty-loss receiver at 1.16x the limit with 1.0 s, 1.08x with 0.3.
 REREQUEST_AFTER = 0.3
+# With parity, the wait before asking again adapts to the round trips measured (a request's block getting a
+# symbol the receiver had not seen when it asked): the smoothed round trip plus four times its mean deviation
+# (TCP's retransmission timeout, RFC 6298; a block asked for again is not timed, Karn's rule), never below
+# `REREQUEST_AFTER` nor above this. Why: on a loaded sender (its parity workers behind) or a receiver behind
+# its socket, answers took longer than 0.3 s, every block was asked again before its answer came, and the
+# sender sent parity twice or three times over (the bed at 5% loss: 103-159k symbols where 48-72k did),
+# which loaded it more.
+REREQUEST_AFTER_LIMIT = 2.0
 # A parity request naming a block whose latest symbols this receiver has not seen yet, coming this soon after
 # they were sent, crossed them on their way (the test bed's queues hold tens of ms): they count toward its
 # need. Later, they count as lost at that receiver, and its count is sent anew. Too short a window sends
 # parity twice for crossing requests (the bed at 1% loss: 15.7-40.9 symbols per block for receivers missing
 # ~7.5 each); too long makes a receiver that lost some of them wait `REREQUEST_AFTER` for its next request.
 PARITY_IN_FLIGHT = 0.1
+# A request saying its receiver's round trip (``"rtt"``, `RepairPlanner.round_trip`) widens that window to it,
+# up to `REREQUEST_AFTER_LIMIT`: symbols handed out less than a round trip ago may still be on their way. On
+# the bed at 5% loss (sender's workers behind, receivers' round trips 0.35-1.9 s) the fixed window counted
+# 80k symbols in flight as lost, of 120k sent, where 37k were first asked for.
+# Round trips beyond this (ms) are sent as this; a request saying more, or not a whole number, is malformed.
+MAX_ROUND_TRIP_MS = 60_000
 # Parity symbols a receiver asks for beyond the frames it misses. Decoding from exactly K symbols fails ~1% of
 # the time (from K + 1, 1 in 10,000), and one symbol of the answer may be lost on the way: either way, without
 # a spare the receiver learns it needs one more only after the request's symbols came, and asks again when
@@ -72,6 +86,13 @@ PARITY_IN_FLIGHT = 0.1
 # spare costs one symbol per block asked for (the sender sends the most any receiver asked: ~0.13% of the
 # image at 1% loss) and makes the round trip rare.
 PARITY_MARGIN = 1
+# The answer crosses the same lossy network: a receiver asks for `count / (1 - loss)` symbols (then the
+# spare), `loss` being the share of frames it lacks in the blocks it asks for, fully passed, averaged over
+# blocks (weight `LOSS_WEIGHT` each); blocks that lost a burst (`BURST_FRACTION` or more: an overflowing
+# socket, a stall) are not the network's loss and are left out. Why: the sender sends per block what the
+# receiver needing most asked; at 5% loss that receiver lost ~2 of its ~47 symbols, asked again a round trip
+# later, and the last blocks of a loop waited two or three round trips (0.5-2 s each on the loaded bed).
+LOSS_WEIGHT = 1 / 16
 # While a receiver's socket overflows (`RepairPlanner.ask_frames_until`), blocks missing at least this fraction
 # of their frames are asked for as frames. On the bed (4 receivers, 5% loss, 2 shared cores) one receiver
 # starved for ~1 s lost 26k datagrams; asking for all its losses as frames then resent 60k frames to everyone.
@@ -98,6 +119,10 @@ class RepairRequest:
     has seen the block's symbols below ESI `seen` (one past the highest it received; 0: none). ``(block,
     count)`` from a receiver that does not say (docs/PROTOCOL.md section 8)."""
 
+    round_trip: float | None = None
+    """The receiver's smoothed time from a parity request to its answer (seconds, sent as whole ms in
+    ``"rtt"``); None: not measured, or not said. The sender's window for symbols in flight (`RepairQueue`)."""
+
     @property
     def frame_count(self) -> int:
         return sum(count for _, count in self.ranges)
@@ -114,6 +139,8 @@ def encode_repair_request(cookie: bytes, request: RepairRequest) -> bytes:
     fields: dict[str, object] = {"v": PROTOCOL_VERSION, "frames": [list(r) for r in request.ranges]}
     if request.parity:
         fields["parity"] = [list(p) for p in request.parity]
+    if request.round_trip is not None:
+        fields["rtt"] = min(round(request.round_trip * 1000), MAX_ROUND_TRIP_MS)
     body = json.dumps(fields, separators=(",", ":"))
     return HEADER.pack(cookie, REPAIR_REQUEST_OFFSET) + body.encode()
 
@@ -125,7 +152,7 @@ def encode_repair_requests(cookie: bytes, request: RepairRequest) -> list[bytes]
     for start in range(0, len(entries), MAX_RANGES_PER_REQUEST):
         chunk = entries[start : start + MAX_RANGES_PER_REQUEST]
         part = RepairRequest(ranges=tuple(e for is_parity, e in chunk if not is_parity),
-                             parity=tuple(e for is_parity, e in chunk if is_parity))
+                             parity=tuple(e for is_parity, e in chunk if is_parity), round_trip=request.round_trip)
         datagrams.append(encode_repair_request(cookie, part))
     return datagrams
 
@@ -176,7 +203,10 @@ def decode_repair_request(
             if len(item) == 3 and not 0 <= item[2] <= ESI_LIMIT:
                 return Dropped(reason=DropReason.MALFORMED_METADATA, detail=f"parity entry {item!r}: seen outside 0..{ESI_LIMIT}")
             parity.append(tuple(item))
-    return RepairRequest(ranges=tuple(parsed), parity=tuple(parity))
+    round_trip = fields.get("rtt")
+    if round_trip is not None and not (type(round_trip) is int and 0 <= round_trip <= MAX_ROUND_TRIP_MS):
+        return Dropped(reason=DropReason.MALFORMED_METADATA, detail=f"repair request 'rtt' {round_trip!r} is not 0..{MAX_ROUND_TRIP_MS} ms")
+    return RepairRequest(ranges=tuple(parsed), parity=tuple(parity), round_trip=None if round_trip is None else round_trip / 1000)
 
 
 class RepairPlanner:
@@ -216,6 +246,17 @@ class RepairPlanner:
         self.received = received
         self.interval = interval
         self.rerequest_after = rerequest_after
+        """Seconds before frames asked for are asked for again: adapted to the round trips measured (parity
+        streams, `REREQUEST_AFTER_LIMIT`), never below the value given."""
+        self._rerequest_floor = rerequest_after
+        self.loss = 0.0
+        """Share of frames lost in the blocks asked for parity (`LOSS_WEIGHT`): requests add as many symbols
+        again as the answer is likely to lose."""
+        self.round_trip: float | None = None
+        """Smoothed round trip of parity requests (seconds), once one was measured."""
+        self._round_trip_deviation = 0.0
+        # Parity asked per block, while unanswered: (symbols seen when asked, when, asked again since).
+        self._parity_asks: dict[int, tuple[int, float, bool]] = {}
         self.fec = fec
         self.parity_held = parity_held
         self.parity_refused = parity_refused
@@ -322,6 +363,8 @@ class RepairPlanner:
         if not self.due(now):
             return None
         self._next_request_at = now + self.interval * (1 + REQUEST_JITTER * jitter)
+        if self._parity_asks:
+            self._time_round_trips(now)
         self._expire_requests(now)
         wanted = self._wanted_frames()
         if self.fec:
@@ -374,7 +417,11 @@ class RepairPlanner:
                     count -= max(0, held[block] - answering)
                 if count <= 0:
                     continue
-                count += PARITY_MARGIN
+                if self._passed_everything or stop <= self._head - REORDER_MARGIN:  # lost, not still to come
+                    lost = received.count(0, first, stop) / (stop - first)
+                    if lost < BURST_FRACTION:
+                        self.loss += (lost - self.loss) * LOSS_WEIGHT
+                count = int(count / (1 - self.loss) + 0.5) + PARITY_MARGIN  # the nearest: never less than asked
                 if budget is not None:
                     as_frames = count > budget  # more than the assembly could keep: frames instead
                     if not as_frames:
@@ -387,7 +434,12 @@ class RepairPlanner:
                 if len(parity) + len(ranges) >= MAX_RANGES_PER_POLL:
                     break
                 continue
-            parity.append((block, count) if self.parity_seen is None else (block, count, self.parity_seen[block]))
+            if self.parity_seen is None:
+                parity.append((block, count))
+            else:
+                seen = self.parity_seen[block]
+                parity.append((block, count, seen))
+                self._parity_asks[block] = (seen, now, block in self._parity_asks)
             for start, end in spans:
                 requested[start:end] = 1
                 self._outstanding.append((start, end - start, now))
@@ -396,7 +448,7 @@ class RepairPlanner:
         if not parity and not ranges:
             return None
         self.requests_sent += 1
-        request = RepairRequest(ranges=tuple(ranges), parity=tuple(parity))
+        request = RepairRequest(ranges=tuple(ranges), parity=tuple(parity), round_trip=self.round_trip)
         self.frames_requested += request.frame_count
         self.parity_requested += request.parity_count
         return request
@@ -422,6 +474,29 @@ class RepairPlanner:
             wanted[low : self._head + 1] = 0
         return wanted
 
+    def _time_round_trips(self, now: float) -> None:
+        """Time the parity requests answered since the last poll (a symbol of the block the receiver had not
+        seen when it asked), and adapt `rerequest_after`. Measured at polls, so each round trip is rounded up
+        to the next one (0.1-0.15 s apart): that errs towards waiting, never towards asking twice."""
+        seen = self.parity_seen
+        answered = [block for block, (seen_then, _, _) in self._parity_asks.items() if seen[block] > seen_then]
+        for block in answered:
+            _, asked_at, asked_again = self._parity_asks.pop(block)
+            if asked_again:
+                continue  # which request was answered is unknown (Karn's rule)
+            sample = now - asked_at
+            if self.round_trip is None:
+                self.round_trip, self._round_trip_deviation = sample, sample / 2
+            else:
+                self._round_trip_deviation += (abs(sample - self.round_trip) - self._round_trip_deviation) / 4
+                self.round_trip += (sample - self.round_trip) / 8
+            timeout = self.round_trip + 4 * self._round_trip_deviation
+            self.rerequest_after = min(max(timeout, self._rerequest_floor), max(REREQUEST_AFTER_LIMIT, self._rerequest_floor))
+        # Asks never answered (their symbols lost, or the block completed by frames) are forgotten after a while.
+        stale = [block for block, (_, asked_at, _) in self._parity_asks.items() if now - asked_at > 2 * REREQUEST_AFTER_LIMIT]
+        for block in stale:
+            del self._parity_asks[block]
+
     def _expire_requests(self, now: float) -> None:
         while self._outstanding and now - self._outstanding[0][2] >= self.rerequest_after:
             first, count, _ = self._outstanding.pop(0)
@@ -438,8 +513,9 @@ class RepairQueue:
     With ``fec=True`` it also keeps, per block, the number of parity symbols still to send: the *largest*
     count any receiver asked for (``need[b] = max(need[b], count)``, not a sum: each symbol serves every
     receiver), capped at the block's frames. A request whose receiver has not seen the block's latest symbols
-    (``seen`` below the next ESI) coming within `PARITY_IN_FLIGHT` of their sending (`pop_parity`'s `now`)
-    crossed them: they count toward its count (``need = max(need, max(seen, K) + count - next ESI)``).
+    (``seen`` below the next ESI) coming within `PARITY_IN_FLIGHT` (or the round trip the request says, up to
+    `REREQUEST_AFTER_LIMIT`) of their sending (`pop_parity`'s `now`, or `parity_left`'s for symbols that
+    waited for the parity workers) crossed them: they count toward its count (``need = max(need, max(seen, K) + count - next ESI)``).
     `pop_parity` hands them out one block after another (a burst of loss then hits many blocks once rather
     than one block many times), each with the block's next fresh ESI,
     starting at K and never reused, so every parity frame is new to every receiver. When the carousel starts
@@ -477,6 +553,9 @@ class RepairQueue:
             already = self._pending.count(1, first, first + count)
             self._pending[first : first + count] = 1
             self._pending_count += count - already
+        in_flight = PARITY_IN_FLIGHT
+        if request.round_trip is not None:
+            in_flight = min(max(in_flight, request.round_trip), REREQUEST_AFTER_LIMIT)
         for entry in request.parity:
             block, count = entry[0], entry[1]
             self.parity_requested += count
@@ -485,7 +564,7 @@ class RepairQueue:
                 continue
             frames_in_block, next_esi = self.layout.frames_in_block(block), self._next_esi[block]
             count = min(count, frames_in_block, ESI_LIMIT - next_esi)
-            if len(entry) > 2 and entry[2] < next_esi and now is not None and now - self._parity_sent_at[block] < PARITY_IN_FLIGHT:
+            if len(entry) > 2 and entry[2] < next_esi and now is not None and now - self._parity_sent_at[block] < in_flight:
                 count = max(entry[2], frames_in_block) + count - next_esi  # those on their way count
             need = self._parity_need[block]
             if count > need:
@@ -501,6 +580,15 @@ class RepairQueue:
     def parity_need(self, block: int) -> int:
         """Parity symbols of `block` still to send."""
         return self._parity_need[block] if self.fec else 0
+
+    def parity_left(self, block: int, now: float) -> None:
+        """Symbols of `block` handed out earlier (`pop_parity`) left only now: they waited for the server's
+        parity workers. Their time in flight (`PARITY_IN_FLIGHT`) counts from now: from the hand-out, a request
+        crossing them on their way would count them lost and have them made and sent again, and on a server
+        short of CPU (workers behind) that fed itself: the bed at 5% loss sent 2.2x the parity, 3,155 jobs
+        for 1,024 blocks."""
+        if self.fec and 0 <= block < len(self._parity_sent_at) and now > self._parity_sent_at[block]:
+            self._parity_sent_at[block] = now
 
     def block_started_by_carousel(self, block: int) -> None:
         """The carousel sends the first frame of `block` again: its frames come anyway, drop its parity need."""

@@ -252,6 +252,10 @@ class ReceiveResult:
     data but the repairs asked for; docs/PROTOCOL.md section 7)."""
     repair_parity_requested: int = 0
     """Parity symbols those requests asked for (FEC)."""
+    repair_round_trip_seconds: float | None = None
+    """Smoothed time from a parity request to its first symbol (FEC; None: none was timed)."""
+    repair_wait_seconds: float | None = None
+    """The wait before asking again for what was asked, at the end (adapted to the round trips; None: no planner)."""
     parity_frames: int = 0
     """Parity frames received and kept (FEC)."""
     recovered_blocks: int = 0
@@ -320,6 +324,8 @@ class ReceiveResult:
             "carousel_steps_back": self.carousel_steps_back,
             "carousel_rest_frames": self.carousel_rest_frames,
             "repair_parity_requested": self.repair_parity_requested,
+            "repair_round_trip_seconds": None if self.repair_round_trip_seconds is None else round(self.repair_round_trip_seconds, 3),
+            "repair_wait_seconds": None if self.repair_wait_seconds is None else round(self.repair_wait_seconds, 3),
             "parity_frames": self.parity_frames,
             "recovered_blocks": self.recovered_blocks,
             "recovered_frames": self.recovered_frames,
@@ -683,6 +689,8 @@ async def _run_pump(run: _Run, group_socket: GroupSocket, outcome: _Outcome, can
                 carousel_steps_back=repairs.planner.steps_back if repairs is not None and repairs.planner is not None else 0,
                 carousel_rest_frames=result.rest_frames,
                 repair_parity_requested=repairs.parity_requested if repairs is not None else 0,
+                repair_round_trip_seconds=repairs.planner.round_trip if repairs is not None and repairs.planner is not None else None,
+                repair_wait_seconds=repairs.planner.rerequest_after if repairs is not None and repairs.planner is not None else None,
                 parity_frames=result.parity_frames,
                 recovered_blocks=result.recovered_blocks,
                 recovered_frames=result.recovered_frames,

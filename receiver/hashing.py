@@ -49,8 +49,8 @@ BUFFER_BUDGET = 64 << 20
 WRITEBACK_RUN = 4 << 20
 
 # Bytes written back are dropped from the page cache this far behind the writeback started: by then the disk
-# has written them (32 MiB is 50-250 ms of a 1-5 Gbit/s disk); pages still dirty or being written are left
-# cached by the kernel, so a slower disk keeps more cached, and nothing is lost.
+# has mostly written them (32 MiB is 50-250 ms of a 1-5 Gbit/s disk), so `Target.drop_cached`, which waits
+# for the rest, seldom waits; a disk slower than the stream makes this thread wait for it.
 DROP_LAG = 32 << 20
 
 # How long `digest` waits between looks at its caller's stop flag.

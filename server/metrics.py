@@ -47,6 +47,8 @@ _PER_STREAM: tuple[tuple[str, str, type, Callable[[StreamStatus], float]], ...] 
      CounterMetricFamily, lambda s: s.sender.parity_frames_sent),
     ("vmcast_stream_parity_cpu_seconds", "CPU time the parity worker processes spent on the stream's parity.",
      CounterMetricFamily, lambda s: s.sender.parity_cpu_seconds),
+    ("vmcast_stream_parity_deferred", "Parity frames whose turn came before the workers had made them (sent once made).",
+     CounterMetricFamily, lambda s: s.sender.parity_deferred),
     ("vmcast_stream_pacing_missed_seconds", "Sending time the stream lost at its rate (the sender woke too late to make it up).",
      CounterMetricFamily, lambda s: s.sender.pacing_missed_seconds),
     ("vmcast_stream_repair_drops", "Repair requests for the stream that were dropped.", CounterMetricFamily,

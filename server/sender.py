@@ -199,6 +199,8 @@ class SenderStats:
     time its symbols made ahead ran out."""
     parity_cpu_seconds: float
     """CPU time the server's parity worker processes spent on this stream's parity (encoders and symbols)."""
+    parity_deferred: int
+    """Parity frames whose turn came before the workers had made their symbols: kept and sent when made."""
     pacing_missed_seconds: float
     """Sending time lost at the rate: the sender woke later than its pacing could make up (a busy machine),
     or had nothing to send. 0 for an unpaced sender."""
@@ -476,6 +478,7 @@ class Sender:
             parity_frames_sent=self.parity_frames_sent,
             parity_jobs=self._parity.jobs,
             parity_cpu_seconds=self._parity.cpu_seconds,
+            parity_deferred=self.parity_deferred,
             pacing_missed_seconds=self._bucket.missed / self._bucket.rate if self._bucket is not None else 0.0,
             gso=self.gso,
             carousel_port=self.carousel_port,
@@ -626,8 +629,10 @@ class Sender:
         order, in GSO batches of up to `limit`; the rest stay kept. False if a stop came meanwhile."""
         deferred, parity, repairs = self._deferred, self._parity, self._carousel.repairs
         buffers: list[bytes] = []
+        sent_blocks: list[int] = []
         for block in blocks:
             kept = deferred.get(block)
+            taken = len(buffers)
             while kept:
                 action = kept[0]
                 payload = parity.symbol(block, action.esi, still_needed=repairs.parity_need(block))
@@ -636,6 +641,8 @@ class Sender:
                 kept.popleft()
                 self._deferred_count -= 1
                 buffers += (action.header, payload)
+            if len(buffers) > taken:
+                sent_blocks.append(block)
             if kept is not None and not kept:
                 del deferred[block]
         step = 2 * limit if self.gso else 2
@@ -645,6 +652,9 @@ class Sender:
             if not self._send(batch, segments * self._datagram_size, bucket, self._repair_socket, segments=segments):
                 return False
             self.parity_frames_sent += segments
+        now = time.monotonic()
+        for block in sent_blocks:
+            repairs.parity_left(block, now)  # in flight from now, not from when the carousel handed them out
         return True
 
     def _send_batches(

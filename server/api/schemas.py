@@ -195,6 +195,7 @@ class Stream(_Model):
     )
     parity_jobs: int = Field(0, description="Parity jobs done by the server's workers for this stream (one or more per block asked for).")
     parity_cpu_seconds: float = Field(0.0, description="CPU time of the server's parity workers for this stream's parity.")
+    parity_deferred: int = Field(0, description="Parity frames whose turn came before the workers had made them: kept, and sent once made.")
     pacing_missed_seconds: float = Field(
         0.0, description="Sending time lost at the rate: the sender woke later than its pacing could make up (a busy machine)."
     )
@@ -228,6 +229,7 @@ class Stream(_Model):
             parity_frames_sent=sender.parity_frames_sent,
             parity_jobs=sender.parity_jobs,
             parity_cpu_seconds=round(sender.parity_cpu_seconds, 3),
+            parity_deferred=sender.parity_deferred,
             pacing_missed_seconds=round(sender.pacing_missed_seconds, 3),
             repair_pending=sender.repair_pending,
             repair_drops=sender.repair_drops,

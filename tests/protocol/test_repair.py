@@ -16,9 +16,10 @@ from vmcast.protocol import (
     SendMetadata,
     decode_repair_request,
     encode_repair_request,
+    encode_repair_requests,
     manifest_of,
 )
-from vmcast.protocol.repair import MAX_RANGES_PER_REQUEST, PARITY_MARGIN, request_fits
+from vmcast.protocol.repair import MAX_RANGES_PER_REQUEST, PARITY_MARGIN, REREQUEST_AFTER, REREQUEST_AFTER_LIMIT, request_fits
 
 from .memlink import MemoryReceiver
 
@@ -26,8 +27,6 @@ COOKIE = b"repair!!"
 
 
 def test_a_large_request_is_split_into_datagrams_that_each_fit():
-    from vmcast.protocol import encode_repair_requests
-
     request = RepairRequest(ranges=tuple((i * 10, 3) for i in range(300)))
     datagrams = encode_repair_requests(COOKIE, request)
     assert len(datagrams) == 7
@@ -421,6 +420,54 @@ def test_symbols_a_receiver_has_not_seen_long_after_they_left_count_as_lost():
     assert _drain(queue, 0.3) == [(2, 14), (2, 15)]
 
 
+def test_symbols_that_waited_for_the_workers_are_in_flight_from_when_they_left():
+    layout = manifest_of(bytes(100_000), frame_size=1000, block_size=10_000).layout
+    queue = RepairQueue(layout=layout, fec=True)
+    queue.add(RepairRequest(parity=((2, 4, 0),)), now=0.0)
+    assert len(_drain(queue, 0.0)) == 4  # handed out at 0.0, but their symbols were made only at 0.4:
+    queue.parity_left(2, 0.4)
+    # The receiver asks again at 0.45, not having seen them: they are on their way, nothing more is sent.
+    queue.add(RepairRequest(parity=((2, 4, 0),)), now=0.45)
+    assert queue.parity_pending == 0
+    # Long after they left, still not seen: lost, sent anew.
+    queue.add(RepairRequest(parity=((2, 4, 0),)), now=0.8)
+    assert _drain(queue, 0.8) == [(2, 14), (2, 15), (2, 16), (2, 17)]
+    queue.parity_left(2, 0.1)  # an earlier time changes nothing
+    queue.add(RepairRequest(parity=((2, 4, 14),)), now=0.85)
+    assert queue.parity_pending == 0
+    RepairQueue(layout=layout).parity_left(2, 1.0)  # without parity: nothing to note
+
+
+def test_a_request_saying_a_long_round_trip_takes_symbols_sent_within_it_as_still_on_their_way():
+    layout = manifest_of(bytes(100_000), frame_size=1000, block_size=10_000).layout
+    queue = RepairQueue(layout=layout, fec=True)
+    queue.add(RepairRequest(parity=((2, 4, 0),)), now=0.0)
+    assert len(_drain(queue, 0.0)) == 4
+    # Another receiver, whose requests take 0.8 s to be answered, asks 0.5 s after they left: merged.
+    queue.add(RepairRequest(parity=((2, 3, 0),), round_trip=0.8), now=0.5)
+    assert queue.parity_pending == 0
+    # Past its round trip: lost at that receiver, sent anew.
+    queue.add(RepairRequest(parity=((2, 3, 0),), round_trip=0.8), now=0.9)
+    assert queue.parity_pending == 3
+    # A round trip is no licence to wait forever: at most REREQUEST_AFTER_LIMIT.
+    _drain(queue, 1.0)
+    queue.add(RepairRequest(parity=((2, 3, 0),), round_trip=60.0), now=1.0 + REREQUEST_AFTER_LIMIT + 0.01)
+    assert queue.parity_pending == 3
+
+
+def test_the_round_trip_travels_in_every_datagram_of_a_request_and_a_bad_one_drops_it():
+    request = RepairRequest(ranges=tuple((10 * i, 1) for i in range(MAX_RANGES_PER_REQUEST + 5)), parity=((0, 3, 0),), round_trip=0.4567)
+    datagrams = encode_repair_requests(COOKIE, request)
+    assert len(datagrams) == 2
+    decoded = [decode_repair_request(datagram, cookie=COOKIE, frame_count=5000, block_count=4) for datagram in datagrams]
+    assert [part.round_trip for part in decoded] == [0.457, 0.457]  # whole milliseconds
+    assert decode_repair_request(encode_repair_request(COOKIE, RepairRequest()), cookie=COOKIE, frame_count=5000).round_trip is None
+    assert decode_repair_request(encode_repair_request(COOKIE, RepairRequest(round_trip=1e6)), cookie=COOKIE, frame_count=5000).round_trip == 60.0
+    for bad in (b"-1", b"1.5", b'"x"', b"60001"):
+        datagram = encode_repair_request(COOKIE, RepairRequest()).replace(b'"frames":[]', b'"frames":[],"rtt":' + bad)
+        assert isinstance(decode_repair_request(datagram, cookie=COOKIE, frame_count=5000), Dropped), bad
+
+
 def test_requests_that_do_not_say_what_they_saw_are_served_as_before():
     layout = manifest_of(bytes(100_000), frame_size=1000, block_size=10_000).layout
     queue = RepairQueue(layout=layout, fec=True)
@@ -458,6 +505,75 @@ def test_the_planner_says_what_it_has_seen_of_each_blocks_parity():
     seen[1] = 55  # symbols up to ESI 54 of block 1 came (and were of no use)
     planner.poll(0.0, jitter=0.0)
     assert planner.poll(1.0, jitter=0.0).parity == ((0, 3, 0), (1, 2, 55))  # missing + the spare, and what it saw
+
+
+def test_the_wait_before_asking_again_follows_the_round_trips_of_parity_requests():
+    from array import array
+
+    layout = manifest_of(bytes(150_000), frame_size=1000, block_size=50_000).layout  # 3 blocks of 50 frames
+    received = _bits(layout.frame_count)
+    held, seen = array("I", bytes(4 * layout.block_count)), array("I", bytes(4 * layout.block_count))
+    planner = RepairPlanner(layout=layout, received=received, parity_held=held, fec=True, parity_seen=seen)
+    for frame in range(150):
+        if frame not in (1, 60, 61):
+            received[frame] = 1
+        planner.observe_carousel(frame)
+    planner.poll(0.0, jitter=0.0)
+    assert [entry[0] for entry in planner.poll(1.0, jitter=0.0).parity] == [0, 1]
+    assert planner.rerequest_after == REREQUEST_AFTER and planner.round_trip is None
+    # Block 0's answer comes 0.9 s later (a loaded sender): the wait grows to 3 round trips (RFC 6298's first
+    # sample), capped; block 1's ask at 1.0 still stands.
+    seen[0], received[1] = 52, 1  # (and decoded)
+    assert planner.poll(1.9, jitter=0.0) is None
+    assert planner.round_trip == pytest.approx(0.9) and planner.rerequest_after == pytest.approx(min(3 * 0.9, REREQUEST_AFTER_LIMIT))
+    assert planner.poll(2.9, jitter=0.0) is None  # with the fixed 0.3 s, block 1 would have been asked again by now
+    request = planner.poll(3.1, jitter=0.0)  # past the wait: asked again, and not timed when answered (Karn)
+    assert [entry[0] for entry in request.parity] == [1]
+    assert request.round_trip == pytest.approx(0.9)  # said to the sender, for its window of symbols in flight
+    seen[1] = 53
+    planner.poll(3.25, jitter=0.0)
+    assert planner.round_trip == pytest.approx(0.9)
+
+
+def test_requests_add_what_the_answer_is_likely_to_lose_on_the_way():
+    from array import array
+
+    layout = manifest_of(bytes(2_000_000), frame_size=1000, block_size=100_000).layout  # 20 blocks of 100 frames
+    received = _bits(layout.frame_count)
+    held = array("I", bytes(4 * layout.block_count))
+    planner = RepairPlanner(layout=layout, received=received, parity_held=held, fec=True)
+    burst = range(1900, 2000)  # the last block lost whole (a stall): not the network's loss, not counted
+    for frame in range(layout.frame_count):
+        if frame % 100 >= 10 and frame not in burst:  # 10% of every other block lost
+            received[frame] = 1
+        planner.observe_carousel(frame)
+    planner.observe_rest()
+    planner.poll(0.0, jitter=0.0)
+    request = planner.poll(1.0, jitter=0.0)
+    # 19 blocks of 10% move the estimate 1/16 of the way each: 1 - (15/16)**19 of the way to 10%.
+    assert planner.loss == pytest.approx(0.1 * (1 - (15 / 16) ** 19))
+    counts = [entry[1] for entry in request.parity]
+    assert counts[0] == 10 + PARITY_MARGIN  # one block measured when the first was asked for: too little to add one
+    assert counts[18] == round(10 / (1 - planner.loss)) + PARITY_MARGIN == 12  # ~10% more, rounded
+    assert counts[19] == round(100 / (1 - planner.loss)) + PARITY_MARGIN
+
+
+def test_fast_answers_keep_the_wait_at_its_floor():
+    from array import array
+
+    layout = manifest_of(bytes(150_000), frame_size=1000, block_size=50_000).layout
+    received = _bits(layout.frame_count)
+    held, seen = array("I", bytes(4 * layout.block_count)), array("I", bytes(4 * layout.block_count))
+    planner = RepairPlanner(layout=layout, received=received, parity_held=held, fec=True, parity_seen=seen)
+    for frame in range(150):
+        if frame != 1:
+            received[frame] = 1
+        planner.observe_carousel(frame)
+    planner.poll(0.0, jitter=0.0)
+    planner.poll(1.0, jitter=0.0)
+    seen[0] = 51
+    planner.poll(1.1, jitter=0.0)
+    assert planner.round_trip == pytest.approx(0.1) and planner.rerequest_after == pytest.approx(REREQUEST_AFTER)
 
 
 def test_a_parity_planner_told_to_ask_for_frames_asks_so_for_blocks_that_lost_a_burst_until_the_time_given():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from array import array
 
 from bitarray import bitarray
+from vmcast.protocol.repair import REREQUEST_AFTER, REREQUEST_AFTER_LIMIT
 
 from .real_server import (
     RATE_BPS,
@@ -42,6 +43,9 @@ def test_a_receiver_that_lost_frames_asks_for_them_and_finishes_about_when_the_f
     # asks for frames only when its socket keeps overflowing: the test below).
     assert stream["fec"] == "raptorq"
     assert summary["repair_parity_requested"] > 0 and stream["parity_frames_sent"] > 0
+    # Its requests were answered and timed; the wait before asking again is at least the floor.
+    assert 0 < summary["repair_round_trip_seconds"] < REREQUEST_AFTER_LIMIT
+    assert REREQUEST_AFTER <= summary["repair_wait_seconds"] <= REREQUEST_AFTER_LIMIT
     assert "keeps overflowing" not in log.read_text()
     assert summary["corrupt_blocks"] == 0
     assert summary["fallback_blocks"] == 0

@@ -30,6 +30,7 @@ def test_metrics_show_every_stream_its_leases_and_the_repair_counters(client: Te
         "vmcast_stream_repair_frames_sent_total",
         "vmcast_stream_parity_frames_sent_total",
         "vmcast_stream_parity_cpu_seconds_total",
+        "vmcast_stream_parity_deferred_total",
         "vmcast_stream_repair_pending",
         "vmcast_stream_repair_drops_total",
     ):
