@@ -1,8 +1,10 @@
 """Repair requests: receivers ask for what the carousel passed and they lost; the sender merges requests."""
 
 import random
+from array import array
 
 import pytest
+from bitarray import bitarray
 
 from vmcast.protocol import (
     Carousel,
@@ -491,33 +493,29 @@ def test_parity_entries_with_what_was_seen_travel_and_bad_ones_are_dropped():
         assert isinstance(dropped, Dropped), entry
 
 
-def test_the_planner_says_what_it_has_seen_of_each_blocks_parity():
-    from array import array
-
-    layout = manifest_of(bytes(150_000), frame_size=1000, block_size=50_000).layout  # 3 blocks of 50 frames
+def seeing_planner(lost: set[int]) -> tuple[RepairPlanner, bitarray, array]:
+    """A parity planner of 3 blocks of 50 frames that says what it has seen, joined at frame 0, with the
+    carousel at the last frame and every frame but `lost` received: (planner, received, parity seen)."""
+    layout = manifest_of(bytes(150_000), frame_size=1000, block_size=50_000).layout
     received = _bits(layout.frame_count)
     held, seen = array("I", bytes(4 * layout.block_count)), array("I", bytes(4 * layout.block_count))
     planner = RepairPlanner(layout=layout, received=received, parity_held=held, fec=True, parity_seen=seen)
     for frame in range(150):
-        if frame not in (1, 2, 60):
+        if frame not in lost:
             received[frame] = 1
         planner.observe_carousel(frame)
+    return planner, received, seen
+
+
+def test_the_planner_says_what_it_has_seen_of_each_blocks_parity():
+    planner, _, seen = seeing_planner({1, 2, 60})
     seen[1] = 55  # symbols up to ESI 54 of block 1 came (and were of no use)
     planner.poll(0.0, jitter=0.0)
     assert planner.poll(1.0, jitter=0.0).parity == ((0, 3, 0), (1, 2, 55))  # missing + the spare, and what it saw
 
 
 def test_the_wait_before_asking_again_follows_the_round_trips_of_parity_requests():
-    from array import array
-
-    layout = manifest_of(bytes(150_000), frame_size=1000, block_size=50_000).layout  # 3 blocks of 50 frames
-    received = _bits(layout.frame_count)
-    held, seen = array("I", bytes(4 * layout.block_count)), array("I", bytes(4 * layout.block_count))
-    planner = RepairPlanner(layout=layout, received=received, parity_held=held, fec=True, parity_seen=seen)
-    for frame in range(150):
-        if frame not in (1, 60, 61):
-            received[frame] = 1
-        planner.observe_carousel(frame)
+    planner, received, seen = seeing_planner({1, 60, 61})
     planner.poll(0.0, jitter=0.0)
     assert [entry[0] for entry in planner.poll(1.0, jitter=0.0).parity] == [0, 1]
     assert planner.rerequest_after == REREQUEST_AFTER and planner.round_trip is None
@@ -559,16 +557,7 @@ def test_requests_add_what_the_answer_is_likely_to_lose_on_the_way():
 
 
 def test_fast_answers_keep_the_wait_at_its_floor():
-    from array import array
-
-    layout = manifest_of(bytes(150_000), frame_size=1000, block_size=50_000).layout
-    received = _bits(layout.frame_count)
-    held, seen = array("I", bytes(4 * layout.block_count)), array("I", bytes(4 * layout.block_count))
-    planner = RepairPlanner(layout=layout, received=received, parity_held=held, fec=True, parity_seen=seen)
-    for frame in range(150):
-        if frame != 1:
-            received[frame] = 1
-        planner.observe_carousel(frame)
+    planner, _, seen = seeing_planner({1})
     planner.poll(0.0, jitter=0.0)
     planner.poll(1.0, jitter=0.0)
     seen[0] = 51
