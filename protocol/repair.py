@@ -224,9 +224,11 @@ class RepairPlanner:
     With ``fec=True`` (the stream's metadata says ``"fec": "raptorq"``: `Assembly.fec`) it asks for parity
     instead, per block: ``count`` = the block's frames it would ask for (the rules above) less the parity
     held for the block (`parity_held`, the assembly's array) that is not already answering an earlier
-    request of this block, plus `PARITY_MARGIN`; those frames then count as asked for, so they are not
-    counted again before `REREQUEST_AFTER`. A request still in flight is thus not asked twice, and parity that came beyond what
-    was asked (the sender sends the most any receiver needs) stands in for frames lost since. With
+    request of this block, grown by the share the answer is likely to lose (`loss`, `LOSS_WEIGHT`), plus
+    `PARITY_MARGIN`; those frames then count as asked for, so they are not counted again before
+    `rerequest_after` (`REREQUEST_AFTER`, longer once parity requests are timed: `REREQUEST_AFTER_LIMIT`).
+    A request still in flight is thus not asked twice, and parity that came beyond what was asked (the
+    sender sends the most any receiver needs) stands in for frames lost since. With
     `parity_seen` (the assembly's array: per block, one past the highest ESI that arrived) each entry also
     says what this receiver has seen, ``(block, count, seen)``, for the sender's merging (`RepairQueue`).
 
