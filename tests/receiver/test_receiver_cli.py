@@ -14,7 +14,8 @@ import pytest
 from typer.testing import CliRunner
 from vmcast.receiver.__main__ import app
 
-from .receiver_testbed import LOOPBACK, minimal_metadata, page_cache, sha1_of
+from ..page_cache import page_cache
+from .receiver_testbed import LOOPBACK, minimal_metadata, sha1_of
 
 runner = CliRunner()
 

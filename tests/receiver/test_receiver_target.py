@@ -17,7 +17,7 @@ from vmcast.receiver import target as target_module
 from vmcast.receiver.errors import TargetBoundsError, TargetRefused
 from vmcast.receiver.target import Target, TargetKind, check_target, open_target
 
-from .receiver_testbed import page_cache
+from ..page_cache import page_cache
 
 MiB = 1 << 20
 

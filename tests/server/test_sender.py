@@ -42,8 +42,10 @@ from vmcast.server.sender import (
     check_interface,
     gso_supported,
 )
+from vmcast.server import sender as sender_module
 from vmcast.server.settings import IP_UDP_HEADER_SIZE
 
+from ..page_cache import page_cache
 from .server_testing import MulticastListener, free_udp_port
 
 GROUP = "239.255.77.1"
@@ -207,6 +209,31 @@ def test_loops_are_counted_as_the_image_comes_round_again(start_sender) -> None:
     assert stats.loops_completed == last_frames_heard
     assert stats.datagrams_sent == len(heard)
     assert stats.bytes_sent >= sum(item.size for item in heard)
+
+
+def test_the_image_is_read_ahead_of_the_carousel_so_a_send_never_waits_for_the_disk(start_sender, monkeypatch) -> None:
+    # Larger than the kernel's own read-ahead of a mapped file (read_ahead_kb: 8 MiB on this machine's disk).
+    ahead = 24 << 20
+    monkeypatch.setattr(sender_module, "READ_AHEAD", ahead)
+    data = os.urandom(40 << 20)
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def forget_the_image(sender: Sender) -> None:  # as if it had not been read for a long time
+        os.fsync(sender._file.fileno())
+        os.posix_fadvise(sender._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        assert page_cache(sender._file.fileno())[0] == 0
+
+    sender, listener = start_sender(data, rate="20mbit", before_start=forget_the_image)  # 2.5 MB/s
+    fd = sender._file.fileno()
+    deadline = time.monotonic() + 10
+    while page_cache(fd, 0, ahead)[0] < ahead // page and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sent = sender.stats().bytes_sent
+    # 24 MiB in memory long before the carousel gets there (10 s at this rate), and not the whole image.
+    assert page_cache(fd, 0, ahead)[0] == ahead // page
+    assert sent < 4 << 20, f"{sent} bytes sent: the carousel got there itself, which tests nothing"
+    assert page_cache(fd, 32 << 20, 8 << 20)[0] < (8 << 20) // page
+    assert sender.read_ahead_requests >= 1
 
 
 def test_stop_returns_within_a_tenth_of_a_second_even_when_pacing_waits_for_seconds(start_sender) -> None:
