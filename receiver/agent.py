@@ -654,6 +654,7 @@ async def _run_pump(run: _Run, group_socket: GroupSocket, outcome: _Outcome, can
             # synced the target: the condition `_from_receiver` states.
             proof = VerifiedImage._from_receiver(path=output, sha1=result.sha1, size=result.length, format=image_format, source=image)
             repairs = run.repairs
+            planner = repairs.planner if repairs is not None else None
             outcome.result = ReceiveResult(
                 sha1=result.sha1,
                 bytes=result.length,
@@ -686,11 +687,11 @@ async def _run_pump(run: _Run, group_socket: GroupSocket, outcome: _Outcome, can
                 repair_requests=repairs.requests_sent if repairs is not None else 0,
                 repair_frames_requested=repairs.frames_requested if repairs is not None else 0,
                 repair_send_errors=repairs.send_errors if repairs is not None else 0,
-                carousel_steps_back=repairs.planner.steps_back if repairs is not None and repairs.planner is not None else 0,
+                carousel_steps_back=planner.steps_back if planner is not None else 0,
                 carousel_rest_frames=result.rest_frames,
                 repair_parity_requested=repairs.parity_requested if repairs is not None else 0,
-                repair_round_trip_seconds=repairs.planner.round_trip if repairs is not None and repairs.planner is not None else None,
-                repair_wait_seconds=repairs.planner.rerequest_after if repairs is not None and repairs.planner is not None else None,
+                repair_round_trip_seconds=planner.round_trip if planner is not None else None,
+                repair_wait_seconds=planner.rerequest_after if planner is not None else None,
                 parity_frames=result.parity_frames,
                 recovered_blocks=result.recovered_blocks,
                 recovered_frames=result.recovered_frames,

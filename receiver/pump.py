@@ -30,10 +30,11 @@ Checks: when the assembly reports a complete block, it is read back from the tar
 `Assembly.check_block`; verified blocks go to the `Sha1Cursor` (with the bytes just read), which hashes the
 image in order in a second thread. When the last block is verified the loop asks for the digest, calls
 `check_image`, and fsyncs the target before it reports success. Unless told to keep it (``keep_cache``), the
-image's pages leave the page cache as they are done with (`hashing`, "Writeback") and the rest after the fsync. A corrupt block or image has already been
-forgotten by the assembly: the loop keeps receiving and takes it again from a later loop of the sender,
-unless one block keeps coming back with the same wrong bytes (`MAX_SAME_CORRUPTION`: a faulty target or sender),
-or wrong at all `MAX_CORRUPT_REPEATS` times; and up to `MAX_IMAGE_MISMATCHES` times for the image.
+image's pages leave the page cache as they are done with (`hashing`, "Writeback") and the rest after the
+fsync. A corrupt block or image has already been forgotten by the assembly: the loop keeps receiving and takes
+it again from a later loop of the sender, unless one block keeps coming back with the same wrong bytes
+(`MAX_SAME_CORRUPTION`: a faulty target or sender), or wrong at all `MAX_CORRUPT_REPEATS` times; and up to
+`MAX_IMAGE_MISMATCHES` times for the image.
 
 Zeros that are never sent (docs/PROTOCOL.md section 5): the metadata names all-zero blocks (``zero``, counted
 verified) and all-zero frames of the other blocks (``zero_frames``, counted held). The loop flushes the stage and

@@ -1,10 +1,11 @@
 """The paced multicast sender: one OS thread per stream, looping over an image as `Carousel` schedules it.
 
-The image is `mmap`-ed and each data frame leaves with ``sendmsg([header, view])``, the payload a
-`memoryview` slice of the map: the kernel copies the bytes straight from the page cache into the datagram,
-and Python never copies them. The kernel is asked to read the image `READ_AHEAD` ahead of the carousel, so
-that a page not in memory is read before its turn rather than while the pacing waits. A thread (not an event-loop task) because the loop is a tight sequence of
-blocking system calls; `sendmsg` releases the GIL, so streams and the HTTP API run beside it.
+The image is `mmap`-ed and each data frame leaves with ``sendmsg([header, view])``, the payload a `memoryview`
+slice of the map: the kernel copies the bytes straight from the page cache into the datagram, and Python never
+copies them. The kernel is asked to read the image `READ_AHEAD` ahead of the carousel, so that a page not in
+memory is read before its turn rather than while the pacing waits. A thread (not an event-loop task) because
+the loop is a tight sequence of blocking system calls; `sendmsg` releases the GIL, so streams and the HTTP API
+run beside it.
 
 Batching (UDP GSO, Linux 4.18+, ``udp(7)`` ``UDP_SEGMENT``): consecutive data frames of one kind (carousel
 frames on the carousel socket, repair frames on the repair socket) leave in one ``sendmsg`` whose iovec is

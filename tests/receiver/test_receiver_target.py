@@ -93,16 +93,16 @@ def check_writeback_starts_and_bytes_stay(target: Target, path: str) -> None:
         assert written.read(8 * MiB) == data
 
 
-def test_start_writeback_submits_the_range_and_keeps_the_bytes_in_a_file(tmp_path):
-    path = tmp_path / "image.raw"
+@pytest.fixture(params=["file", "block device"])
+def target_of_8_mib(request, tmp_path):
+    """An open 8 MiB target and its path: a new file, or a loop device (the page cache works alike for both)."""
+    path = str(tmp_path / "image.raw") if request.param == "file" else request.getfixturevalue("loop_device")(8 * MiB)
     with open_target(path, length=8 * MiB, force=False) as target:
-        check_writeback_starts_and_bytes_stay(target, str(path))
+        yield target, path
 
 
-def test_start_writeback_submits_the_range_and_keeps_the_bytes_on_a_block_device(loop_device):
-    device = loop_device(8 * MiB)
-    with open_target(device, length=8 * MiB, force=False) as target:
-        check_writeback_starts_and_bytes_stay(target, device)
+def test_start_writeback_submits_the_range_and_keeps_the_bytes(target_of_8_mib):
+    check_writeback_starts_and_bytes_stay(*target_of_8_mib)
 
 
 def test_start_writeback_does_nothing_where_the_kernel_cannot_do_it(tmp_path):
@@ -135,16 +135,8 @@ def check_clean_pages_are_dropped_and_bytes_stay(target: Target, path: str) -> N
         assert written.read(8 * MiB) == data  # dropped from memory, not from the disk
 
 
-def test_drop_cached_forgets_clean_pages_of_a_file_and_loses_no_byte(tmp_path):
-    path = tmp_path / "image.raw"
-    with open_target(path, length=8 * MiB, force=False) as target:
-        check_clean_pages_are_dropped_and_bytes_stay(target, str(path))
-
-
-def test_drop_cached_forgets_clean_pages_of_a_block_device_and_loses_no_byte(loop_device):
-    device = loop_device(8 * MiB)
-    with open_target(device, length=8 * MiB, force=False) as target:
-        check_clean_pages_are_dropped_and_bytes_stay(target, device)
+def test_drop_cached_forgets_clean_pages_and_loses_no_byte(target_of_8_mib):
+    check_clean_pages_are_dropped_and_bytes_stay(*target_of_8_mib)
 
 
 def test_drop_cached_does_nothing_where_the_kernel_cannot_do_it():
