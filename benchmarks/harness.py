@@ -1,7 +1,7 @@
 """The performance harness: vmcast against udpcast, uftp and parallel HTTP on the namespace test bed.
 
     python -m benchmarks.harness [--size-mib 1024] [--receivers 4] [--rate-mbit 300] [--loss 0 1 5]
-                                 [--mtu 1500] [--payload 1400] [--tools vmcast vmcast-wait udpcast uftp http]
+                                 [--mtu 1500] [--payload 1456] [--tools vmcast vmcast-wait udpcast uftp http]
                                  [--zero-fraction 0.0 0.8] [--sweep-receivers 1 2 4 8]
                                  [--out benchmarks/results/DATE] [--timeout SECONDS]
 
@@ -77,6 +77,7 @@ from benchmarks.vmcast_runner import (
     VMCAST_RATE_FRACTION,
     VmcastDetails,
     machine_busy_seconds,
+    mtu_filling_payload,
     run_vmcast,
     vmcast_data_frame,
     vmcast_rate_bps,
@@ -110,7 +111,8 @@ class HarnessSettings:
     rate_mbit: float | None = 300.0
     losses: list[float] = dataclasses.field(default_factory=lambda: [0.0])
     mtu: int = 1500
-    payload: int = 1400
+    payload: int = 0
+    """vmcast's image bytes per datagram; 0: the largest that fits the MTU (`mtu_filling_payload`)."""
     tools: list[str] = dataclasses.field(default_factory=lambda: list(TOOLS))
     zero_fractions: list[float] = dataclasses.field(default_factory=lambda: [0.0])
     seed: int = 1
@@ -126,6 +128,10 @@ class HarnessSettings:
     plot: bool = True
     quiet_wait: float = 120.0
     """Before each run, wait up to this long for other work on the machine to stop (0: do not wait)."""
+
+    def __post_init__(self) -> None:
+        if self.payload == 0:
+            self.payload = mtu_filling_payload(self.mtu)
 
     def check(self) -> None:
         if self.size_mib < 1:
@@ -637,7 +643,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rate-mbit", type=float, default=300.0, help="every link's rate (0: unlimited)")
     parser.add_argument("--loss", type=float, nargs="+", default=[0.0], help="UDP loss %% at each receiver, e.g. 0 1 5")
     parser.add_argument("--mtu", type=int, default=1500)
-    parser.add_argument("--payload", type=int, default=1400, help="vmcast image bytes per datagram")
+    parser.add_argument("--payload", type=int, default=0,
+                        help="vmcast image bytes per datagram (default: the largest that fits the MTU, as udpcast's "
+                             "blocks do: 1456 at 1500, 8952 at 9000)")
     parser.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
     parser.add_argument("--zero-fraction", type=float, nargs="+", default=[0.0],
                         help="share of all-zero 1 MiB blocks in the image, e.g. 0 0.8 (one image kind each)")

@@ -74,6 +74,7 @@ __all__ = [
     "VmcastDetails",
     "last_json_object",
     "machine_busy_seconds",
+    "mtu_filling_payload",
     "run_vmcast",
     "vmcast_data_frame",
     "vmcast_rate_bps",
@@ -207,6 +208,13 @@ def vmcast_data_frame(*, payload: int = 1400, mtu: int = 1500) -> DataFrame:
     fragments = max(1, math.ceil((ip_bytes - IPV4_HEADER_BYTES) / fragment_payload))
     ip_on_wire = ip_bytes + (fragments - 1) * IPV4_HEADER_BYTES
     return DataFrame(payload=payload, wire=ip_on_wire + fragments * ETHERNET_HEADER_BYTES)
+
+
+def mtu_filling_payload(mtu: int) -> int:
+    """The largest vmcast payload whose datagram fits one IP packet of `mtu`, a multiple of 8 as parity needs:
+    1456 at MTU 1500 (udpcast's block there too), 8952 at 9000. The harness's default on its plain-Ethernet
+    bed; ``vmcast serve`` keeps 1400, which also fits the 1450-byte MTU of VXLAN tenant networks."""
+    return (mtu - IPV4_HEADER_BYTES - UDP_HEADER_BYTES - FRAME_HEADER_BYTES) // 8 * 8
 
 
 def vmcast_rate_bps(rate_mbit: float, *, payload: int = 1400, mtu: int = 1500, fraction: float = VMCAST_RATE_FRACTION) -> int:

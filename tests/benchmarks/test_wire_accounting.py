@@ -11,6 +11,7 @@ from benchmarks.loopback import datagrams_per_batch, kernel_drops_in_datagrams
 from benchmarks.peers import peer_data_frame
 from benchmarks.vmcast_runner import (
     VMCAST_RATE_FRACTION,
+    mtu_filling_payload,
     vmcast_data_frame,
     vmcast_rate_bps,
 )
@@ -26,6 +27,16 @@ def test_a_vmcast_datagram_larger_than_the_mtu_pays_ip_and_ethernet_headers_per_
     frame = vmcast_data_frame(payload=8192, mtu=1500)
     fragments = 6  # 8216 bytes after the IP header, 1480 per fragment
     assert frame.wire == 8192 + 16 + 8 + fragments * (20 + 14)
+
+
+@pytest.mark.parametrize("mtu, payload", [(1500, 1456), (9000, 8952), (1450, 1400)])
+def test_the_harness_default_payload_fills_the_mtu_in_multiples_of_8(mtu, payload):
+    assert mtu_filling_payload(mtu) == payload
+    assert HarnessSettings(mtu=mtu).payload == payload
+    frame = vmcast_data_frame(payload=payload, mtu=mtu)
+    assert frame.wire == payload + 16 + 8 + 20 + 14  # one IP packet: not fragmented
+    assert vmcast_data_frame(payload=payload + 8, mtu=mtu).wire > frame.wire + 8  # 8 more would be fragmented
+    assert HarnessSettings(mtu=mtu, payload=1024).payload == 1024  # given: kept
 
 
 def test_the_vmcast_rate_puts_data_frames_on_the_link_at_the_rate_fraction():
