@@ -2,10 +2,11 @@
 
 ``GET /v1/streams?image=&format=&wait=`` -> 200 with the running streams of that image, after waiting up to
 ``wait`` seconds for one to start (`LeaseClient.wait_for_stream`).
-``POST /v1/streams {"image", "format"[, "min_receivers", "max_wait"]}`` -> 201 with the stream to join
-(`Lease`); 404 unknown image, 422 unknown format, each with ``{"detail": ...}``. When the answer's
+``POST /v1/streams {"image", "format"[, "min_receivers", "max_wait", "listening"]}`` -> 201 with the stream to
+join (`Lease`); 404 unknown image, 422 unknown format, each with ``{"detail": ...}``. When the answer's
 ``waiting_for`` is above 0 the stream holds (metadata only) for receivers: ``POST /v1/leases/{lease_id}/joined``
-once listening to the group. A lease with a ``lease_ttl`` ends unless renewed within it:
+once listening to the group, unless the answer says ``joined`` (the request's ``listening`` named the group and
+port the receiver had joined already). A lease with a ``lease_ttl`` ends unless renewed within it:
 ``POST /v1/leases/{lease_id}/renew`` (404: it has ended already). ``DELETE /v1/leases/{lease_id}`` releases
 (idempotent: a lease already gone is released).
 
@@ -64,6 +65,8 @@ class Lease(BaseModel):
     """Checksum block size, when the server says (it lets the receiver start before the first metadata)."""
     lease_ttl: Annotated[float | None, Field(gt=0)] = None
     """Seconds the lease lives without a renewal; None: it lives until released."""
+    joined: bool = False
+    """The server counts this lease as joined already (`LeaseClient.acquire`'s `listening` was its group)."""
     repair_port: Annotated[int | None, Field(ge=1, le=65535)] = None
     """UDP port, on the server's host, that takes repair requests (docs/PROTOCOL.md section 7); None: none."""
     carousel_port: Annotated[int | None, Field(ge=1, le=65535)] = None
@@ -108,13 +111,24 @@ class LeaseClient:
         self.server = server.rstrip("/")
         self._client = client
 
-    async def acquire(self, *, image: str, format: str, min_receivers: int | None = None, max_wait: float | None = None) -> Lease:
-        """A lease on the stream of `image`; a stream this starts holds for `min_receivers` (see the module)."""
+    async def acquire(
+        self, *, image: str, format: str, min_receivers: int | None = None, max_wait: float | None = None,
+        listening: tuple[str, int] | None = None,
+    ) -> Lease:
+        """A lease on the stream of `image`; a stream this starts holds for `min_receivers` (see the module).
+        `listening`: the group and port this receiver has joined already; the lease then says `joined` when
+        they are its stream's (and needs no `joined` call)."""
         url = f"{self.server}/v1/streams"
         body: dict[str, object] = {"image": image, "format": format}
         if min_receivers is not None:
             body |= {"min_receivers": min_receivers} | ({"max_wait": max_wait} if max_wait is not None else {})
+        if listening is not None:
+            body["listening"] = f"{listening[0]}:{listening[1]}"
         response = await self._request("POST", url, json=body)
+        if response.status_code == 422 and "listening" in body and _refuses_fields(response, {"listening"}):
+            # A server older than this field: the lease is taken without it, and `joined` said after.
+            del body["listening"]
+            response = await self._request("POST", url, json=body)
         if response.status_code == 422 and len(body) > 2 and _refuses_fields(response, {"min_receivers", "max_wait"}):
             # A server older than holding (its API forbids fields it does not know): ask as it understands.
             log.warning("the server at %s does not hold streams for receivers; the stream starts at once", self.server)
@@ -131,10 +145,11 @@ class LeaseClient:
         except pydantic.ValidationError as error:
             raise ServerError(url=url, status=response.status_code, reason=f"the answer does not describe a stream: {_first_error(error)}") from error
 
-    async def wait_for_stream(self, *, image: str, format: str, timeout: float) -> bool:
+    async def wait_for_stream(self, *, image: str, format: str, timeout: float) -> tuple[str, int] | None:
         """Wait up to `timeout` seconds until a stream of `image` in `format` runs (started by an operator or
-        another receiver); True as soon as one does, False if none started in time. The server answers each
-        long poll the moment any stream starts, so this returns within a round trip of the start."""
+        another receiver); its group and port as soon as one does (a receiver may join them before it takes its
+        lease: `acquire`'s `listening`), None if none started in time. The server answers each long poll the
+        moment any stream starts, so this returns within a round trip of the start."""
         url = f"{self.server}/v1/streams"
         deadline = trio.current_time() + timeout
         while True:
@@ -146,13 +161,14 @@ class LeaseClient:
                 raise ServerError(url=url, status=response.status_code, reason=response_detail(response))
             try:
                 streams = response.json()
-                if any(s["image"] == image and s["format"] == format and s["state"] == "running" for s in streams):
-                    return True
+                for stream in streams:
+                    if stream["image"] == image and stream["format"] == format and stream["state"] == "running":
+                        return str(stream["group"]), int(stream["port"])
             except (ValueError, KeyError, TypeError) as error:
                 raise ServerError(url=url, status=200, reason="the answer is not a list of streams") from error
             now = trio.current_time()
             if now >= deadline:
-                return False
+                return None
             await trio.sleep(min(deadline - now, max(0.0, LOOK_INTERVAL - (now - asked_at))))
 
     async def renew(self, lease_id: str) -> bool:

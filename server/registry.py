@@ -238,9 +238,14 @@ class Registry:
 
     # -- leases ------------------------------------------------------------------------------------------------
 
-    def acquire(self, image: PreparedImage, *, min_receivers: int | None = None, max_wait: float = DEFAULT_MAX_WAIT) -> tuple[StreamStatus, Lease]:
-        """A lease on the stream of `image` (started now if not running). A stream started here with
-        `min_receivers` holds until that many leases have `joined`, or for `max_wait` seconds."""
+    def acquire(
+        self, image: PreparedImage, *, min_receivers: int | None = None, max_wait: float = DEFAULT_MAX_WAIT,
+        listening: tuple[ipaddress.IPv4Address, int] | None = None,
+    ) -> tuple[StreamStatus, Lease, bool]:
+        """A lease on the stream of `image` (started now if not running), and whether it counts as joined. A
+        stream started here with `min_receivers` holds until that many leases have `joined`, or for `max_wait`
+        seconds. `listening`: the group and port the requester listens on already; when they are the
+        stream's, the lease has joined as it is granted."""
         key = (image.name, image.format, image.manifest.sha1)
         with self._lock:
             if self._closed:
@@ -273,12 +278,16 @@ class Registry:
                 )  # fmt: skip
             self._activate(lease)
             stream.references += 1
-            stream.tell_listening()
+            joined = listening == (stream.group, stream.port)
             log.info(
-                "lease %s on stream %s (%s as %s): %d references",
-                lease.lease_id, stream.stream_id, image.name, image.format, stream.references,
+                "lease %s on stream %s (%s as %s): %d references%s",
+                lease.lease_id, stream.stream_id, image.name, image.format, stream.references, ", joined" if joined else "",
             )  # fmt: skip
-            return self._status(stream), lease
+            if joined:
+                self._note_joined(stream, lease.lease_id)
+            else:
+                stream.tell_listening()
+            return self._status(stream), lease, joined
 
     def renew(self, lease_id: str) -> Lease:
         """Keep an active lease alive for another TTL from now.
@@ -310,12 +319,7 @@ class Registry:
         """
         with self._lock:
             stream = self._running[self._active_lease(lease_id).stream_id]
-            if lease_id not in stream.joined:
-                stream.joined[lease_id] = stream.last_joined_at = time.monotonic()
-            stream.tell_listening()
-            if stream.sender.holding and len(stream.joined) >= stream.min_receivers:
-                stream.sender.open_gate()
-                log.info("stream %s: %d receivers joined; starting", stream.stream_id, len(stream.joined))
+            self._note_joined(stream, lease_id)
             return self._status(stream)
 
     def release(self, lease_id: str) -> Release:
@@ -605,6 +609,16 @@ class Registry:
             if group not in self._groups_in_use:
                 return group, (index + 1) % self._group_count
         raise GroupsExhausted(group_range=str(self.group_range), streams=len(self._running))
+
+    def _note_joined(self, stream: _Stream, lease_id: str) -> None:
+        """(Under the lock.) The holder of `lease_id` listens to the group: the sender learns when the last
+        active lease joined, and a holding stream starts once `min_receivers` have."""
+        if lease_id not in stream.joined:
+            stream.joined[lease_id] = stream.last_joined_at = time.monotonic()
+        stream.tell_listening()
+        if stream.sender.holding and len(stream.joined) >= stream.min_receivers:
+            stream.sender.open_gate()
+            log.info("stream %s: %d receivers joined; starting", stream.stream_id, len(stream.joined))
 
     def _status(self, stream: _Stream) -> StreamStatus:
         manifest = stream.image.manifest

@@ -16,6 +16,7 @@ from ..defaults import DEFAULT_MAX_WAIT
 from ..registry import Lease, Release, StreamStatus
 
 _HEX_COOKIE = r"^[0-9a-f]{16}$"
+_GROUP_AND_PORT = r"^[0-9]{1,3}(\.[0-9]{1,3}){3}:[0-9]{1,5}$"
 _SHA1 = r"^[0-9a-f]{40}$"
 StreamState = Literal["running", "stopping", "stopped", "failed"]
 
@@ -79,6 +80,16 @@ class StreamRequest(_Model):
         le=86_400,
         description="With `min_receivers`: start anyway after this many seconds, with the receivers there.",
     )
+    listening: str | None = Field(
+        None,
+        max_length=21,
+        pattern=_GROUP_AND_PORT,
+        description="The multicast group and UDP port (`239.255.0.2:8471`) the requester listens on already, "
+        "as `GET /v1/streams?wait=` showed them before it asked: when the lease is on a stream sent there, it "
+        "counts as joined at once (the answer says `joined`: true) and `POST /v1/leases/{lease_id}/joined` is "
+        "not needed. A receiver started before its stream saves one request this way, and a stream holding for "
+        "receivers starts one round trip sooner.",
+    )
 
 
 class StreamStarted(_Model):
@@ -116,7 +127,11 @@ class StreamStarted(_Model):
     waiting_for: int = Field(
         0,
         description="Receivers the stream still holds for (sending only metadata) before its first loop: when "
-        "above 0, say `POST /v1/leases/{lease_id}/joined` once listening to the group.",
+        "above 0, say `POST /v1/leases/{lease_id}/joined` once listening to the group (unless `joined`).",
+    )
+    joined: bool = Field(
+        False,
+        description="This lease counts as joined already: the request's `listening` named the stream's group and port.",
     )
     lease_ttl: float = Field(
         description="Seconds the lease lives without renewal: renew it (POST /v1/leases/{lease_id}/renew) well within that, e.g. every third of it."
@@ -124,13 +139,14 @@ class StreamStarted(_Model):
     expires_at: float = Field(description="When the lease ends unless renewed, in seconds since the epoch.")
 
     @classmethod
-    def of(cls, stream: StreamStatus, lease: Lease) -> StreamStarted:
+    def of(cls, stream: StreamStatus, lease: Lease, *, joined: bool = False) -> StreamStarted:
         return cls(
             **_identity_of(stream),
             lease_id=lease.lease_id,
             repair_port=stream.repair_port,
             carousel_port=stream.sender.carousel_port,
             waiting_for=stream.waiting_for,
+            joined=joined,
             lease_ttl=lease.ttl,
             expires_at=lease.expires_at,
         )

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, HTTPException, Query, status
 
 from .deps import CatalogDep, PreparerDep, RegistryDep, StreamStartsDep
 from .schemas import ErrorBody, Stream, StreamRequest, StreamStarted
@@ -41,8 +42,18 @@ def start_stream(
     # A plain `def`: conversion and hashing block, so FastAPI runs this in a worker thread.
     image = catalog.get(body.image)
     prepared = preparer.prepare(image, body.format)
-    stream, lease = registry.acquire(prepared, min_receivers=body.min_receivers, max_wait=body.max_wait)
-    return StreamStarted.of(stream, lease)
+    listening = _group_and_port(body.listening) if body.listening is not None else None
+    stream, lease, joined = registry.acquire(prepared, min_receivers=body.min_receivers, max_wait=body.max_wait, listening=listening)
+    return StreamStarted.of(stream, lease, joined=joined)
+
+
+def _group_and_port(text: str) -> tuple[ipaddress.IPv4Address, int]:
+    """``"239.255.0.2:8471"`` as a group and port; 422 for a malformed one (the schema checked its shape)."""
+    address, _, port = text.rpartition(":")
+    try:
+        return ipaddress.IPv4Address(address), int(port)
+    except ValueError as error:
+        raise HTTPException(status_code=422, detail=f"listening: {text!r} is not an IPv4 group and port ({error})") from error
 
 
 # A long poll longer than this risks the idle timeouts of proxies between receivers and the server.

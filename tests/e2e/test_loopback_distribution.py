@@ -1,5 +1,6 @@
 """End to end over real loopback multicast: `vmcast serve` and three `vmcast receive` processes."""
 
+import re
 import subprocess
 import time
 
@@ -143,6 +144,9 @@ def test_receivers_started_before_the_stream_wait_for_it_and_share_its_first_loo
         httpx.delete(f"{url}/v1/leases/{operator['lease_id']}")
     for index in range(2):
         assert "waiting up to 60 s for a stream of disk.raw" in (tmp_path / f"r{index}.log").read_text()
+    # Each joined the group the long poll named before it took its lease, which counted as joined at once.
+    granted = [line for line in next(tmp_path.glob("server-*.log")).read_text().splitlines() if re.search(r"lease \S+ on stream", line)]
+    assert len(granted) == 3 and sum(line.endswith("references, joined") for line in granted) == 2, granted
 
 
 def test_a_receiver_waiting_for_a_stream_nobody_starts_gives_up_with_exit_6_and_starts_nothing(tmp_path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
+
 from .server_testing import Images, MulticastListener, TestClient, samples, start_stream
 
 
@@ -88,3 +90,32 @@ def test_without_min_receivers_a_stream_starts_at_once(client: TestClient, image
     started = start_stream(client, images.raw)
     assert started["waiting_for"] == 0
     assert client.get(f"/v1/streams/{started['stream_id']}").json()["waiting_for"] == 0
+
+
+def test_a_lease_asked_for_while_listening_on_the_stream_counts_as_joined_at_once(
+    client: TestClient, images: Images, listen: Callable[..., MulticastListener]
+) -> None:
+    # A receiver started before its stream learns the group from the long poll, joins it, then takes its
+    # lease: no POST .../joined needed.
+    first = start_stream(client, images.raw, min_receivers=2, max_wait=60)
+    listener = listen(first["group"], first["port"], first["cookie"])
+    at = f"{first['group']}:{first['port']}"
+    elsewhere = start_stream(client, images.raw, listening=f"{first['group']}:{first['port'] + 1}")
+    assert (elsewhere["joined"], elsewhere["waiting_for"]) == (False, 2), "another port: not joined"
+    second = start_stream(client, images.raw, listening=at)
+    assert (second["stream_id"], second["joined"], second["waiting_for"]) == (first["stream_id"], True, 1)
+    assert all(item.is_metadata for item in listener.listen(0.5)), "one of two joined: still holding"
+
+    third = start_stream(client, images.raw, listening=at)
+    assert (third["joined"], third["waiting_for"]) == (True, 0)
+    data_frames = [item for item in listener.listen(0.5) if not item.is_metadata]
+    assert data_frames and data_frames[0].offset == 0, "the second lease joined as granted started the first loop"
+    assert joined(client, third["lease_id"])["waiting_for"] == 0, "saying it again changes nothing"
+
+
+@pytest.mark.parametrize("listening", ["239.255.0.2", "239.255.0.2:", "nowhere:8471", "239.255.0.999:8471", "239.255.0.2:8471 "])
+def test_a_malformed_listening_group_is_refused_clearly(client: TestClient, images: Images, listening: str) -> None:
+    response = client.post("/v1/streams", json={"image": images.raw, "listening": listening})
+    assert response.status_code == 422, response.text
+    assert "listening" in response.text
+    assert client.get("/v1/streams").json() == [], "nothing started"
