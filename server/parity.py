@@ -26,12 +26,15 @@ the workers; the others wait here, those the sender is waiting for first.
 `ParitySource` is used by one sender thread; `ParityWorkers` by any.
 Error handling: a job the worker refuses (a bug: the arguments are checked) raises `ValueError` in the sender
 thread from `poll`, which ends it (the stream shows ``failed``); a symbol of the wrong size likewise (sent, it
-would cut a GSO batch into wrong datagrams). A worker process that ends (killed, out of memory) is logged and
+would cut a GSO batch into wrong datagrams). A worker that cannot read the image file (`ParitySource`'s
+`path`) answers so, and the stream's jobs carry the block's bytes from then on (logged once). A worker process that ends (killed, out of memory) is logged and
 started again (`MAX_RESTARTS`); its jobs are asked for again. Where no process can be started, symbols are
 made in the caller's thread (logged once): slower pacing, same symbols.
 Resource handling: the worker processes (children of the server, each with a writer and a reader thread)
 start when the first stream with FEC starts; the server closes `ParityWorkers` after its senders, which
-closes their stdin (they exit) and kills any that do not. A job gets a copy of its block, never the map.
+closes their stdin (they exit) and kills any that do not. A job names its block in the image file, which the
+worker reads itself (its own descriptor, ``/proc/<server pid>/fd/<n>``; `parity_worker` says why), or gets a
+copy of the block, never the map; a stream that ends tells the workers to close its file.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import sys
 import threading
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmcast.protocol import Layout, ParityEncoder
@@ -88,6 +92,20 @@ class _Job:
 
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class FileBlock:
+    """Where a block is in the image file, for a worker to read it there."""
+
+    path: str
+    """A path to the file that any process of this user can open (``/proc/<pid>/fd/<n>``)."""
+    offset: int
+    length: int
+
+
+class SourceUnreadable(Exception):
+    """A worker could not open or read the image file a job named."""
 
 
 class WorkerGone(Exception):
@@ -138,7 +156,9 @@ class _Worker:
         self._writer.start()
         self._reader.start()
 
-    def submit(self, key: bytes, block: int, block_bytes: bytes, frame_size: int, first: int, count: int) -> concurrent.futures.Future[tuple[list[bytes], float]]:
+    def submit(
+        self, key: bytes, block: int, frame_size: int, first: int, count: int, *, block_bytes: Callable[[], bytes], at: FileBlock | None
+    ) -> concurrent.futures.Future[tuple[list[bytes], float]]:
         future: concurrent.futures.Future[tuple[list[bytes], float]] = concurrent.futures.Future()
         with self._lock:
             if not self.alive:
@@ -146,17 +166,32 @@ class _Worker:
                 return future
             job_id, self._next_id = self._next_id, self._next_id + 1
             kept = self.kept
-            if (key, block) in kept:  # the process keeps this block's encoder: no need for the bytes
+            if (key, block) in kept:  # the process keeps this block's encoder: no need for the block
                 kept.move_to_end((key, block))
-                block_bytes = b""
+                kind, given, length, offset = parity_worker.KEPT, b"", 0, 0
             else:
                 kept[key, block] = None
                 while len(kept) > ENCODERS_KEPT:
                     kept.popitem(last=False)
+                if at is not None:
+                    kind, given, length, offset = parity_worker.FILE, at.path.encode(), at.length, at.offset
+                else:
+                    given = block_bytes()
+                    kind, length, offset = parity_worker.INLINE, len(given), 0
             self._pending[job_id] = (future, frame_size, (key, block))
-        header = parity_worker.JOB.pack(job_id, block, frame_size, first, count, len(key), len(block_bytes))
-        self._outbox.put(header + key + block_bytes)
+        path_length = len(given) if kind == parity_worker.FILE else 0
+        header = parity_worker.JOB.pack(job_id, block, frame_size, first, count, len(key), kind, length, offset, path_length)
+        self._outbox.put(header + key + given)
         return future
+
+    def forget(self, key: bytes) -> None:
+        """The stream of `key` ended: the process closes its file and drops its encoders (no answer)."""
+        with self._lock:
+            if not self.alive:
+                return
+            for entry in [entry for entry in self.kept if entry[0] == key]:
+                del self.kept[entry]
+        self._outbox.put(parity_worker.JOB.pack(0, 0, 0, 0, 0, len(key), parity_worker.FORGET, 0, 0, 0) + key)
 
     def close(self) -> None:
         """End the process: its stdin closes (it exits), or it is killed after `WORKER_EXIT_WAIT`."""
@@ -190,9 +225,10 @@ class _Worker:
                 job_id, status, cpu, count = answer.unpack(header)
                 with self._lock:
                     future, frame_size, entry = self._pending.pop(job_id)
-                symbols = [stdout.read(frame_size) for _ in range(count)]
-                if any(len(symbol) != frame_size for symbol in symbols):
+                data = stdout.read(frame_size * count)  # one read: 45 symbols one by one cost 3x the CPU
+                if len(data) != frame_size * count:
                     break  # cut short: the process died mid-answer
+                symbols = [data[start : start + frame_size] for start in range(0, len(data), frame_size)]
                 if status == parity_worker.SYMBOLS:
                     _settle(future, result=(symbols, cpu))
                     continue
@@ -200,6 +236,8 @@ class _Worker:
                     self.kept.pop(entry, None)
                 if status == parity_worker.MISSING:
                     _settle(future, error=EncoderNotKept(f"block {entry[1]}"))
+                elif status == parity_worker.UNREADABLE:
+                    _settle(future, error=SourceUnreadable(f"block {entry[1]}"))
                 else:
                     _settle(future, error=ValueError(f"the parity worker refused the job for block {entry[1]}"))
         finally:
@@ -224,21 +262,29 @@ class ParityWorkers:
         self.restarts = 0
 
     def submit(
-        self, key: bytes, block: int, block_bytes: bytes, frame_size: int, first: int, count: int
+        self, key: bytes, block: int, frame_size: int, first: int, count: int, *, block_bytes: Callable[[], bytes], at: FileBlock | None = None
     ) -> concurrent.futures.Future[tuple[list[bytes], float]]:
         """Make symbols ``first .. first + count - 1`` of `block` of the stream `key` (unique among the
-        server's streams), whose bytes are `block_bytes` (a copy: never a view of a map). A block always goes
-        to the same process, which keeps its encoder for the next job."""
+        server's streams). The worker reads the block from the file `at` names, or gets `block_bytes()` (a
+        copy: never a view of a map) where `at` is None. A block always goes to the same process, which keeps
+        its encoder for the next job."""
         with self._lock:
             worker = self._worker(hash((key, block)) % self._processes)
         if worker is not None:
-            return worker.submit(key, block, block_bytes, frame_size, first, count)
+            return worker.submit(key, block, frame_size, first, count, block_bytes=block_bytes, at=at)
         done: concurrent.futures.Future[tuple[list[bytes], float]] = concurrent.futures.Future()
         try:
-            done.set_result(_encode_here(block_bytes, frame_size, first, count))
+            done.set_result(_encode_here(block_bytes(), frame_size, first, count))
         except Exception as error:  # noqa: BLE001 - handed over like a worker's
             done.set_exception(error)
         return done
+
+    def forget(self, key: bytes) -> None:
+        """The stream of `key` ended: the processes close its file and drop its encoders."""
+        with self._lock:
+            workers = [worker for worker in self._workers if worker is not None]
+        for worker in workers:
+            worker.forget(key)
 
     def warm_up(self) -> None:
         """Start the processes now (a stream that may need parity starts): started at its first request
@@ -283,9 +329,11 @@ class ParityWorkers:
 class ParitySource:
     """Repair symbols of `view`'s blocks (the image as mapped), `layout.frame_size` bytes each."""
 
-    def __init__(self, *, view: memoryview, layout: Layout, workers: ParityWorkers, key: bytes) -> None:
-        """`key`: the stream's, unique among the server's running streams (its workers keep encoders by it)."""
+    def __init__(self, *, view: memoryview, layout: Layout, workers: ParityWorkers, key: bytes, path: str | None = None) -> None:
+        """`key`: the stream's, unique among the server's running streams (its workers keep encoders by it).
+        `path`: where the workers may open the file `view` maps (None: jobs carry copies of the blocks)."""
         self._key = key
+        self._path = path
         self._view = view
         self._layout = layout
         self._workers = workers
@@ -392,6 +440,7 @@ class ParitySource:
         self._waiting.clear()
         self._symbols.clear()
         self._kept_bytes = 0
+        self._workers.forget(self._key)
 
     # -- inside ------------------------------------------------------------------------------------------------
 
@@ -401,6 +450,11 @@ class ParitySource:
             symbols, cpu = job.future.result()  # another exception (a bug) ends the sender thread here
         except (WorkerGone, EncoderNotKept, concurrent.futures.CancelledError):
             return  # the symbols are asked for again when the sender next needs them (a new process if need be)
+        except SourceUnreadable:
+            if self._path is not None:
+                log.warning("a parity worker cannot read %s: parity jobs carry the blocks' bytes from now on", self._path)
+                self._path = None
+            return
         self.cpu_seconds += cpu
         self.jobs += 1
         self.symbols_made += len(symbols)
@@ -430,7 +484,10 @@ class ParitySource:
 
     def _submit(self, block: int, first: int, count: int) -> None:
         start, end = self._layout.block_span(block)
-        future = self._workers.submit(self._key, block, bytes(self._view[start:end]), self._layout.frame_size, first, count)
+        at = FileBlock(self._path, start, end - start) if self._path is not None else None
+        future = self._workers.submit(
+            self._key, block, self._layout.frame_size, first, count, block_bytes=lambda: bytes(self._view[start:end]), at=at
+        )  # fmt: skip
         self._jobs[block] = _Job(first=first, count=count, future=future)
 
     def _forget(self, block: int) -> None:

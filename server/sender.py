@@ -347,7 +347,7 @@ class Sender:
             self._own_workers = ParityWorkers() if parity_workers is None else None
             self._parity = ParitySource(
                 view=self._view, layout=manifest.layout, workers=parity_workers or self._own_workers,
-                key=cookie + bytes.fromhex(manifest.sha1),
+                key=cookie + bytes.fromhex(manifest.sha1), path=f"/proc/{os.getpid()}/fd/{self._file.fileno()}",
             )  # fmt: skip
             self._socket = open_multicast_socket(config)
             self._socket.connect((str(group), port))

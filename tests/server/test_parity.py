@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import time
@@ -9,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 from vmcast.protocol import ParityEncoder, manifest_of
+from vmcast.server import parity_worker
 from vmcast.server.parity import SYMBOLS_AHEAD, ParitySource, ParityWorkers
 
 FRAME = 1400
@@ -91,3 +93,59 @@ def test_a_stream_that_stops_with_jobs_in_flight_leaves_the_workers_serving_the_
     assert second.symbol(2, k) is not None
     assert workers.restarts == 0, "an answer to a cancelled job ended a worker's reader"
     assert all(worker.alive for worker in workers._workers if worker is not None)
+
+
+def test_a_job_names_the_block_in_the_image_file_and_the_worker_reads_it_there(workers: ParityWorkers, tmp_path) -> None:
+    # The view and the file differ on purpose: symbols of the file's bytes show the worker read the file.
+    in_file, in_view = os.urandom(1_100_000), os.urandom(1_100_000)
+    (tmp_path / "image.raw").write_bytes(in_file)
+    with open(tmp_path / "image.raw", "rb") as image:
+        layout = manifest_of(in_file, frame_size=FRAME).layout
+        source = ParitySource(view=memoryview(in_view), layout=layout, workers=workers, key=b"file", path=f"/proc/{os.getpid()}/fd/{image.fileno()}")
+        source.prefetch(1, 4)
+        wait_for_jobs(source)
+    k = layout.frames_in_block(1)
+    start, end = layout.block_span(1)
+    assert [source.symbol(1, esi) for esi in range(k, k + 4)] == ParityEncoder(in_file[start:end], frame_size=FRAME).symbols(k, 4)
+
+
+def test_a_file_the_workers_cannot_read_makes_the_stream_send_the_blocks_bytes_instead(workers: ParityWorkers, tmp_path, caplog) -> None:
+    data = os.urandom(1_100_000)
+    layout = manifest_of(data, frame_size=FRAME).layout
+    source = ParitySource(view=memoryview(data), layout=layout, workers=workers, key=b"gone", path=str(tmp_path / "no-such-file"))
+    k = layout.frames_in_block(0)
+    deadline = time.monotonic() + 30
+    while (symbol := source.symbol(0, k)) is None:  # the first job comes back unreadable, the next has the bytes
+        assert time.monotonic() < deadline, "no symbol after the file could not be read"
+        source.poll()
+        source.wait(0.1)
+    start, end = layout.block_span(0)
+    assert symbol == ParityEncoder(data[start:end], frame_size=FRAME).symbols(k, 1)[0]
+    assert "cannot read" in caplog.text and str(tmp_path / "no-such-file") in caplog.text
+    assert workers.restarts == 0
+
+
+def test_a_worker_forgets_a_stream_that_ended_its_encoders_and_its_file(tmp_path) -> None:
+    data = os.urandom(200_000)
+    (tmp_path / "image.raw").write_bytes(data)
+
+    def job(job_id: int, kind: int, path: bytes = b"") -> bytes:
+        length = len(data) if kind == parity_worker.FILE else 0
+        return parity_worker.JOB.pack(job_id, 0, FRAME, 143, 1, 3, kind, length, 0, len(path)) + b"key" + path
+
+    jobs = io.BytesIO(
+        job(1, parity_worker.FILE, str(tmp_path / "image.raw").encode())
+        + job(2, parity_worker.KEPT)  # the encoder the first job made
+        + job(0, parity_worker.FORGET)  # answers nothing
+        + job(3, parity_worker.KEPT)
+    )
+    answers = io.BytesIO()
+    parity_worker.serve(jobs, answers)
+    answers.seek(0)
+    statuses = []
+    while header := answers.read(parity_worker.ANSWER.size):
+        job_id, status, _, count = parity_worker.ANSWER.unpack(header)
+        symbols = [answers.read(FRAME) for _ in range(count)]
+        statuses.append((job_id, status, symbols))
+    expected = ParityEncoder(data, frame_size=FRAME).symbols(143, 1)
+    assert statuses == [(1, parity_worker.SYMBOLS, expected), (2, parity_worker.SYMBOLS, expected), (3, parity_worker.MISSING, [])]
