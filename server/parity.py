@@ -27,8 +27,9 @@ the workers; the others wait here, those the sender is waiting for first.
 Error handling: a job the worker refuses (a bug: the arguments are checked) raises `ValueError` in the sender
 thread from `poll`, which ends it (the stream shows ``failed``); a symbol of the wrong size likewise (sent, it
 would cut a GSO batch into wrong datagrams). A worker that cannot read the image file (`ParitySource`'s
-`path`) answers so, and the stream's jobs carry the block's bytes from then on (logged once). A worker process that ends (killed, out of memory) is logged and
-started again (`MAX_RESTARTS`); its jobs are asked for again. Where no process can be started, symbols are
+`path`) answers so, and the stream's jobs carry the block's bytes from then on (logged once). A worker
+process that ends (killed, out of memory) is logged and started again (`MAX_RESTARTS`); its jobs are asked
+for again. Where no process can be started, symbols are
 made in the caller's thread (logged once): slower pacing, same symbols.
 Resource handling: the worker processes (children of the server, each with a writer and a reader thread)
 start when the first stream with FEC starts; the server closes `ParityWorkers` after its senders, which
@@ -225,7 +226,8 @@ class _Worker:
                 job_id, status, cpu, count = answer.unpack(header)
                 with self._lock:
                     future, frame_size, entry = self._pending.pop(job_id)
-                data = stdout.read(frame_size * count)  # one read: 45 symbols one by one cost 3x the CPU
+                # One read, not one a symbol: those reads were 75 of the server's 1,320 busy samples at 1% loss.
+                data = stdout.read(frame_size * count)
                 if len(data) != frame_size * count:
                     break  # cut short: the process died mid-answer
                 symbols = [data[start : start + frame_size] for start in range(0, len(data), frame_size)]
