@@ -267,7 +267,10 @@ class LeaseServer:
     here a test can shape what the server answers. Like the real one, it shares one stream per image
     between leases, and with ``lease_ttl`` set it asks for renewals; ``end_leases_on_renewal`` makes the
     next renewals answer 404, as for a lease that expired; ``without_hold`` answers a start that asks for
-    ``min_receivers`` or ``max_wait`` as a server from before holding did (FastAPI's 422, extra fields forbidden).
+    ``min_receivers`` or ``max_wait`` as a server from before holding did (FastAPI's 422, extra fields forbidden),
+    ``without_listening`` one that asks with ``listening`` likewise. ``GET /v1/streams`` lists the streams
+    started (``polled_group`` makes it name another group and port: a stream that restarted elsewhere between
+    a receiver's long poll and its lease, a race no real server can be made to lose on cue).
     """
 
     images: dict[str, bytes]
@@ -277,7 +280,11 @@ class LeaseServer:
     lease_ttl: float | None = None
     end_leases_on_renewal: int = 0
     without_hold: bool = False
+    without_listening: bool = False
+    polled_group: tuple[str, int] | None = None
     starts: list[dict] = field(default_factory=list)
+    joined: list[str] = field(default_factory=list)
+    """Leases whose holders said ``POST /v1/leases/{id}/joined``."""
     streams: dict[str, Sender] = field(default_factory=dict)
     leases: dict[str, Sender] = field(default_factory=dict)
     released: list[str] = field(default_factory=list)
@@ -299,14 +306,32 @@ class LeaseServer:
                 self.end_headers()
                 self.wfile.write(payload)
 
+            def do_GET(self) -> None:
+                if not self.path.startswith("/v1/streams?"):
+                    return self._answer(404, {"detail": "Not Found"})
+                listed = []
+                for name, sender in server.streams.items():
+                    group, port = server.polled_group or (sender.group, sender.port)
+                    listed.append({"stream_id": f"stream-{name}", "image": name, "format": "raw", "state": "running", "group": group, "port": port})
+                payload = json.dumps(listed).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
             def do_POST(self) -> None:
                 if self.path.startswith("/v1/leases/") and self.path.endswith("/renew"):
                     return self._renew(self.path.split("/")[3])
+                if self.path.startswith("/v1/leases/") and self.path.endswith("/joined"):
+                    server.joined.append(self.path.split("/")[3])
+                    return self._answer(200, {"stream_id": "stream", "waiting_for": 0})
                 if self.path != "/v1/streams":
                     return self._answer(404, {"detail": "Not Found"})
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.starts.append(request)
-                extra = [key for key in ("min_receivers", "max_wait") if key in request] if server.without_hold else []
+                refused = (("min_receivers", "max_wait") if server.without_hold else ()) + (("listening",) if server.without_listening else ())
+                extra = [key for key in refused if key in request]
                 if extra:
                     return self._answer(422, {"detail": [
                         {"type": "extra_forbidden", "loc": ["body", key], "msg": "Extra inputs are not permitted", "input": request[key]}
@@ -331,6 +356,8 @@ class LeaseServer:
                     answer["block_size"] = sender.manifest.layout.block_size
                 if server.lease_ttl is not None:
                     answer["lease_ttl"] = server.lease_ttl
+                if "listening" in request:
+                    answer["joined"] = request["listening"] == f"{sender.group}:{sender.port}"
                 self._answer(201, answer)
 
             def _renew(self, lease_id: str) -> None:

@@ -324,3 +324,43 @@ async def test_a_422_that_is_not_about_the_hold_is_still_a_clear_format_error(le
     with pytest.raises(ServerError, match="refused format 'vhdx'"):
         await receive(request)
     assert len(lease_server.starts) == 1, "asked once: the refusal was not about the hold"
+
+
+# A receiver started before its stream (--wait-for-stream) joins the group the long poll names, then asks for
+# its lease with "listening": the lease counts as joined and no separate POST .../joined is made.
+
+
+def waiting(server, output) -> ReceiveRequest:
+    return ReceiveRequest(source=FromServer(server=server.url, image="test-image", wait_for_stream=5.0), output=str(output), timeout=TIMEOUT)
+
+
+def stream_running(server, image: bytes) -> None:
+    server.streams["test-image"] = server.make_sender(image, rate=20e6).start()
+
+
+async def test_a_waiting_receiver_joins_first_and_its_lease_counts_as_joined(image, lease_server, tmp_path):
+    stream_running(lease_server, image)
+    sender = lease_server.streams["test-image"]
+    result = await receive(waiting(lease_server, tmp_path / "out.raw"))
+    assert result.sha1 == sha1_of(image)
+    assert [start.get("listening") for start in lease_server.starts] == [f"{sender.group}:{sender.port}"]
+    assert lease_server.joined == [], "joined as granted: nothing more to say"
+
+
+async def test_a_stream_that_moved_between_the_poll_and_the_lease_is_joined_where_the_lease_says(image, lease_server, tmp_path):
+    stream_running(lease_server, image)
+    lease_server.polled_group = ("239.255.77.1", 9)  # where the long poll saw it; the lease names the real one
+    result = await receive(waiting(lease_server, tmp_path / "out.raw"))
+    assert result.sha1 == sha1_of(image)
+    assert (result.group, result.port) == (lease_server.streams["test-image"].group, lease_server.streams["test-image"].port)
+    assert lease_server.starts[0]["listening"] == "239.255.77.1:9"
+    assert lease_server.joined == ["lease-1"], "not joined as granted: said once the right group was joined"
+
+
+async def test_a_server_from_before_listening_is_asked_again_without_it(image, lease_server, tmp_path):
+    stream_running(lease_server, image)
+    lease_server.without_listening = True
+    result = await receive(waiting(lease_server, tmp_path / "out.raw"))
+    assert result.sha1 == sha1_of(image)
+    assert [("listening" in start) for start in lease_server.starts] == [True, False]
+    assert lease_server.joined == ["lease-1"]
