@@ -45,16 +45,16 @@ def run_once(image, *, mode: str, frame_size: int, symbols: int, key: bytes) -> 
         try:
             workers.warm_up()
             time.sleep(WORKER_START_SECONDS)  # their start-up (importing vmcast.protocol) is not a job's cost
-            pids = [worker.process.pid for worker in workers._workers if worker is not None]
+            pids = workers.pids
             path = f"/proc/{os.getpid()}/fd/{image.fileno()}" if mode == "file" else None
             source = ParitySource(view=view, layout=layout, workers=workers, key=key, path=path)
             here, there, started = time.process_time(), sum(map(_process_cpu_seconds, pids)), time.monotonic()
             for block in range(layout.block_count):
                 source.prefetch(block, symbols)
-                while len(source._jobs) >= JOBS_IN_FLIGHT:  # as the sender does: a few in flight, the rest wait
+                while source.jobs_in_flight >= JOBS_IN_FLIGHT:  # as the sender does: a few in flight, the rest wait
                     source.poll()
                     source.wait(0.01)
-            while source._jobs:
+            while source.jobs_in_flight:
                 source.poll()
                 source.wait(0.01)
             result = {

@@ -288,6 +288,12 @@ class ParityWorkers:
         for worker in workers:
             worker.forget(key)
 
+    @property
+    def pids(self) -> list[int]:
+        """The worker processes running now."""
+        with self._lock:
+            return [worker.process.pid for worker in self._workers if worker is not None and worker.alive]
+
     def warm_up(self) -> None:
         """Start the processes now (a stream that may need parity starts): started at its first request
         instead, their start-up came when the stream was busiest, and receivers asked again meanwhile."""
@@ -423,6 +429,11 @@ class ParitySource:
         futures = [job.future for job in self._jobs.values()]
         if futures:
             concurrent.futures.wait(futures, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
+
+    @property
+    def jobs_in_flight(self) -> int:
+        """Jobs handed to the workers and not harvested yet (at most `JOBS_IN_FLIGHT`)."""
+        return len(self._jobs)
 
     @property
     def kept_bytes(self) -> int:

@@ -298,7 +298,7 @@ class LeaseServer:
             def log_message(self, *args: object) -> None:
                 pass
 
-            def _answer(self, status: int, body: dict) -> None:
+            def _answer(self, status: int, body: dict | list) -> None:
                 payload = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -313,12 +313,7 @@ class LeaseServer:
                 for name, sender in server.streams.items():
                     group, port = server.polled_group or (sender.group, sender.port)
                     listed.append({"stream_id": f"stream-{name}", "image": name, "format": "raw", "state": "running", "group": group, "port": port})
-                payload = json.dumps(listed).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                self._answer(200, listed)
 
             def do_POST(self) -> None:
                 if self.path.startswith("/v1/leases/") and self.path.endswith("/renew"):
